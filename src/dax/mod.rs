@@ -1,0 +1,1 @@
+//! DevicePagePool (see issue 6).

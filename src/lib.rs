@@ -1,0 +1,91 @@
+//! Per-CPU reference counts with the Linux kernel's `percpu_ref` semantics.
+//!
+//! A [`PercpuRef`] counts references to a value with near-free `get`/`put`
+//! on the fast path (each CPU adds to its own slot) and can be *killed*: new
+//! live references are refused, the owner's reference is dropped, and a
+//! pluggable [`ReleasePolicy`] runs exactly once when the last reference
+//! drains. That is what lets a device be shut down while its pages are still
+//! in use: kill, wait for the drain, then unmap.
+//!
+//! # Lifecycle
+//!
+//! ```text
+//!   new() ──▶ percpu-live ◀──switch_to_percpu── atomic-live ◀── new().atomic()
+//!                 │        ──switch_to_atomic──▶     │
+//!                 └──────────── kill() ──────────────┤
+//!                                                    ▼
+//!              resurrect() ◀──────────────────── dying (count > 0; tryget ok,
+//!                                                    │     tryget_live fails)
+//!                                                    │ last put
+//!                                                    ▼
+//!              reinit() ◀── .allow_reinit() ──── released (release ran once)
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use percpu_ref::{Completion, PercpuRef};
+//! use std::sync::Arc;
+//!
+//! let drained = Completion::new();
+//! let device = Arc::new(PercpuRef::new("pmem0", drained.clone()));
+//!
+//! // I/O paths take references; they are cheap per-CPU adds.
+//! let io = device.tryget_live_owned().expect("device is live");
+//! let worker = std::thread::spawn(move || {
+//!     assert_eq!(*io, "pmem0"); // ... use the device, then drop `io`
+//! });
+//!
+//! // Shutdown: refuse new I/O, then wait for the in-flight I/O to finish.
+//! device.kill().unwrap();
+//! assert!(device.tryget_live().is_none());
+//! worker.join().unwrap();
+//! drained.wait();
+//! ```
+//!
+//! # When does release run, and on which thread?
+//!
+//! Exactly once per kill, when the count of the killed ref reaches zero: on
+//! the thread whose `put` (drop of a [`Ref`]) took it there, or inside
+//! [`kill`](PercpuRef::kill) if no reference was outstanding. Policies move
+//! the work elsewhere: [`Completion`] wakes a waiter, `Deferred` (feature
+//! `epoch`) waits for an epoch, `OnRayon` (feature `rayon`) runs on a pool.
+//!
+//! # Costs
+//!
+//! | operation | cost |
+//! |---|---|
+//! | `tryget`/clone/drop in percpu mode | one uncontended `fetch_add` on this CPU's slot |
+//! | same in atomic mode or while dying | one `fetch_add` on the shared count |
+//! | `switch_to_atomic`, `kill` | one swap per possible CPU, no grace period |
+//! | memory per ref | a small header plus 8 bytes per possible CPU |
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+#[cfg(feature = "dax")]
+mod dax;
+mod page;
+mod percpu;
+mod sync;
+mod sys;
+
+// Layer re-exports. `page` and `dax` decide their public items themselves.
+#[cfg(feature = "dax")]
+pub use dax::*;
+pub use page::*;
+
+pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
+#[cfg(feature = "epoch")]
+pub use percpu::policy::Deferred;
+#[cfg(feature = "rayon")]
+pub use percpu::policy::OnRayon;
+pub use percpu::{Builder, KillError, Mode, OwnedRef, PercpuRef, Ref, ReviveError, Underflow};
+
+/// Bytes of per-CPU counter memory one [`PercpuRef`] costs on this machine
+/// (8 bytes per possible CPU), besides its header.
+#[cfg(not(percpu_ref_loom))]
+pub fn slot_bytes_per_ref() -> usize {
+    percpu::slot_bytes_per_ref()
+}

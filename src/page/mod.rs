@@ -1,0 +1,1 @@
+//! Page refcount layer (see issue 5).
