@@ -58,7 +58,7 @@ die() {
 
 usage() {
     local code="${1:-2}"
-    # The header comment up to the "Exit status" paragraph is the help text.
+    # The header comment, from line 2 up to the cache paragraph, is the help.
     if ((code == 0)); then
         sed -n '2,/^# Everything slow/{/^# Everything slow/q;s/^# \{0,1\}//;p}' "$SCRIPT_PATH"
     else
@@ -83,13 +83,14 @@ GUEST_ENV=()
 while (($#)); do
     case "$1" in
         --timeout)
-            [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || { echo "dax-vm: --timeout needs a number of seconds" >&2; usage 2; }
+            # 0 would mean "no limit" to timeout(1): refuse it.
+            [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "dax-vm: --timeout needs a number of seconds" >&2; usage 2; }
             TIMEOUT="$2"
             shift 2
             ;;
         --timeout=*)
             TIMEOUT="${1#*=}"
-            [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { echo "dax-vm: --timeout needs a number of seconds" >&2; usage 2; }
+            [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || { echo "dax-vm: --timeout needs a number of seconds" >&2; usage 2; }
             shift
             ;;
         --env)
@@ -386,7 +387,15 @@ OUT="$R/run/dax-vm"
 # in the initramfs.  Any ndctl command first waits for libnvdimm's
 # asynchronous probing, so the namespace state seen here is settled.
 nd() { chroot "$R" /usr/bin/ndctl "$@"; }
-nd list -N >/dev/null 2>&1 || true
+if nd list -N 2>/dev/null | grep -q '"chardev":"dax0.0"'; then
+    # The namespace exists (labels persist in the image): give devtmpfs a
+    # moment to show the node.
+    i=0
+    while [ ! -e /dev/dax0.0 ] && [ "$i" -lt 50 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+fi
 if [ ! -e /dev/dax0.0 ]; then
     glog "creating the devdax namespace"
     # init-labels refuses to touch an enabled region: disable it first.
@@ -472,6 +481,8 @@ ensure_initramfs() {
 
     # Uncompressed cpio: nothing to decompress in the (slow, emulated) guest.
     (cd "$tmp/root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) >"$tmp/initramfs.cpio"
+    # Drop initramfs images built by older versions of this script.
+    find "$CACHE_DIR" -maxdepth 1 -name 'initramfs-*.cpio' -delete
     mv "$tmp/initramfs.cpio" "$img"
     rm -rf "$tmp"
     printf '%s\n' "$img"
@@ -552,6 +563,7 @@ trap 'exit 143' TERM
     printf '\n'
 } >"$RUN_DIR/out/run.sh"
 : >"$RUN_DIR/out/output"
+: >"$RUN_DIR/console.log"
 
 # shellcheck disable=SC2054  # the commas are QEMU option syntax
 QEMU_ARGS=(

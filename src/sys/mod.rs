@@ -4,4 +4,6 @@
 //! portable fallback that loom and Miri check; the Linux fast paths are thin
 //! and documented.
 
+// Under loom the slots pick their "CPU" themselves (see percpu/slots.rs).
+#[cfg_attr(percpu_ref_loom, allow(dead_code))]
 pub(crate) mod cpu;
