@@ -89,3 +89,8 @@ pub use percpu::{Builder, KillError, Mode, OwnedRef, PercpuRef, Ref, ReviveError
 pub fn slot_bytes_per_ref() -> usize {
     percpu::slot_bytes_per_ref()
 }
+
+// Keep the README's example compiling and passing.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
