@@ -66,6 +66,7 @@
 
 #[cfg(feature = "dax")]
 mod dax;
+pub mod docs;
 mod page;
 mod percpu;
 mod sync;
