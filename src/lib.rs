@@ -77,11 +77,11 @@ mod sys;
 pub use dax::*;
 pub use page::*;
 
-pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
 #[cfg(feature = "epoch")]
 pub use percpu::policy::Deferred;
 #[cfg(feature = "rayon")]
 pub use percpu::policy::OnRayon;
+pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
 pub use percpu::{Builder, KillError, Mode, OwnedRef, PercpuRef, Ref, ReviveError, Underflow};
 
 /// Bytes of per-CPU counter memory one [`PercpuRef`] costs on this machine

@@ -14,9 +14,9 @@
 #![cfg(percpu_ref_loom)]
 
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
 use loom::thread;
 use percpu_ref::{Mode, PercpuRef};
+use std::sync::Arc;
 
 type Counted = Arc<AtomicUsize>;
 

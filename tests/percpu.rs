@@ -4,8 +4,8 @@
 use percpu_ref::{
     Completion, KillError, Mode, NoRelease, OwnedRef, PercpuRef, Ref, ReleasePolicy, ReviveError,
 };
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
 
@@ -86,7 +86,8 @@ fn tryget_live_fails_on_every_thread_once_confirm_ran() {
             }
             let keep = r.tryget().unwrap();
             thread::yield_now();
-            r.kill_and_confirm(|| confirmed.store(true, SeqCst)).unwrap();
+            r.kill_and_confirm(|| confirmed.store(true, SeqCst))
+                .unwrap();
             // Let the spinners observe the confirmation a few times.
             for _ in 0..scaled(100) {
                 thread::yield_now();
@@ -293,7 +294,10 @@ fn misuse_returns_typed_errors_and_changes_nothing() {
     let g = r.tryget().unwrap();
     r.kill().unwrap();
     assert_eq!(r.kill(), Err(KillError::AlreadyDead));
-    assert!(!r.is_zero(), "a second kill must not drop another reference");
+    assert!(
+        !r.is_zero(),
+        "a second kill must not drop another reference"
+    );
     drop(g);
     assert_eq!(released.load(SeqCst), 1);
     // Released without allow_reinit.
@@ -303,7 +307,9 @@ fn misuse_returns_typed_errors_and_changes_nothing() {
     assert!(r.tryget().is_none());
     assert_eq!(released.load(SeqCst), 1);
     // Errors render with a reason.
-    assert!(ReviveError::ReinitNotAllowed.to_string().contains("allow_reinit"));
+    assert!(ReviveError::ReinitNotAllowed
+        .to_string()
+        .contains("allow_reinit"));
 }
 
 #[test]
@@ -350,7 +356,10 @@ fn underflow_is_detected_when_summed_and_never_releases_twice() {
     // SAFETY (test): deliberately unbalanced, to exercise detection. No
     // `Ref` is alive, so no one relies on the count.
     unsafe { r.put_many(3) };
-    assert!(r.check().is_ok(), "percpu puts are only checked when summed");
+    assert!(
+        r.check().is_ok(),
+        "percpu puts are only checked when summed"
+    );
     match r.kill() {
         Err(KillError::Underflow { count }) => assert_eq!(count, -3),
         other => panic!("expected underflow, got {other:?}"),
@@ -469,15 +478,19 @@ fn deferred_waits_for_readers_pinned_at_drain() {
     use percpu_ref::Deferred;
     let ran = Arc::new(AtomicBool::new(false));
     let r2 = Arc::clone(&ran);
-    let r = PercpuRef::new(Arc::new(0u32), Deferred::new(move |_v: Arc<u32>| {
-        r2.store(true, SeqCst)
-    }));
+    let r = PercpuRef::new(
+        Arc::new(0u32),
+        Deferred::new(move |_v: Arc<u32>| r2.store(true, SeqCst)),
+    );
     let reader = crossbeam_epoch::pin();
     r.kill().unwrap();
     for _ in 0..scaled(2000) {
         crossbeam_epoch::pin().flush();
     }
-    assert!(!ran.load(SeqCst), "ran while a reader pinned at drain was pinned");
+    assert!(
+        !ran.load(SeqCst),
+        "ran while a reader pinned at drain was pinned"
+    );
     drop(reader);
     for _ in 0..scaled(100_000) {
         if ran.load(SeqCst) {

@@ -32,7 +32,9 @@ pub enum ReviveError {
     ReinitNotAllowed,
     /// `reinit` needs a released ref, but this one is still dying: its
     /// count has not drained to zero yet.
-    #[error("percpu_ref is dying with references outstanding: reinit needs it drained (use resurrect)")]
+    #[error(
+        "percpu_ref is dying with references outstanding: reinit needs it drained (use resurrect)"
+    )]
     NotDrained,
 }
 

@@ -152,7 +152,9 @@ mod arena {
     pub(crate) const ROW_BYTES: usize = SLOTS_PER_ROW * 8;
 
     pub(super) fn take() -> NonNull<AtomicI64> {
-        let mut free = FREE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut free = FREE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if free.is_empty() {
             let rows = crate::sys::cpu::possible();
             // 128-byte rows aligned to 128: no two CPUs share a line or an
