@@ -67,7 +67,7 @@
 #[cfg(feature = "dax")]
 mod dax;
 pub mod docs;
-mod page;
+pub mod page;
 mod percpu;
 mod sync;
 mod sys;
@@ -82,7 +82,27 @@ pub use percpu::policy::Deferred;
 #[cfg(feature = "rayon")]
 pub use percpu::policy::OnRayon;
 pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
-pub use percpu::{Builder, KillError, Mode, OwnedRef, PercpuRef, Ref, ReviveError, Underflow};
+pub use percpu::{
+    Builder, KillError, Mode, OwnedRef, PercpuRef, Ref, ReviveError, Tier, Underflow,
+};
+
+/// Set up the fast tier early: on Linux x86_64 this registers the process
+/// for `membarrier(PRIVATE_EXPEDITED_RSEQ)`, which takes microseconds
+/// before threads exist and ~20 ms after. Optional (the first `PercpuRef`
+/// does it otherwise); returns which tier new refs will use.
+///
+/// ```
+/// let tier = percpu_ref::init();
+/// let r = percpu_ref::PercpuRef::new(0, percpu_ref::NoRelease);
+/// assert_eq!(r.tier(), tier);
+/// ```
+pub fn init() -> Tier {
+    if sys::rseq::init() {
+        Tier::Rseq
+    } else {
+        Tier::Portable
+    }
+}
 
 /// Bytes of per-CPU counter memory one [`PercpuRef`] costs on this machine
 /// (8 bytes per possible CPU), besides its header.

@@ -3,6 +3,7 @@
 
 use percpu_ref::{
     Completion, KillError, Mode, NoRelease, OwnedRef, PercpuRef, Ref, ReleasePolicy, ReviveError,
+    Tier,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -14,6 +15,37 @@ const fn scaled(n: usize) -> usize {
         n / 500 + 2
     } else {
         n
+    }
+}
+
+/// Both counting tiers (the rseq one only where it is available; the
+/// portable one always), so every test below that loops over them checks
+/// the same semantics on each.
+fn tiers() -> Vec<TierChoice> {
+    let mut v = vec![TierChoice::Portable];
+    if percpu_ref::init() == Tier::Rseq {
+        v.push(TierChoice::Default);
+    }
+    v
+}
+
+#[derive(Debug, Clone, Copy)]
+enum TierChoice {
+    Default,
+    Portable,
+}
+
+impl TierChoice {
+    fn build<T, P: ReleasePolicy<T>>(self, value: T, policy: P) -> PercpuRef<T, P> {
+        let b = PercpuRef::builder(value).release(policy);
+        let r = match self {
+            TierChoice::Default => b.build(),
+            TierChoice::Portable => b.portable().build(),
+        };
+        if let TierChoice::Portable = self {
+            assert_eq!(r.tier(), Tier::Portable);
+        }
+        r
     }
 }
 
@@ -63,43 +95,53 @@ fn tryget_succeeds_on_dying_ref_and_tryget_live_fails_after_confirm() {
 
 #[test]
 fn tryget_live_fails_on_every_thread_once_confirm_ran() {
-    for _ in 0..scaled(50) {
-        let r = PercpuRef::new(0u32, NoRelease);
-        let confirmed = AtomicBool::new(false);
-        let stop = AtomicBool::new(false);
-        let violations = AtomicUsize::new(0);
-        let successes_after = AtomicUsize::new(0);
-        thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    while !stop.load(SeqCst) {
-                        let seen = confirmed.load(SeqCst);
-                        let got = r.tryget_live();
-                        if seen && got.is_some() {
-                            violations.fetch_add(1, SeqCst);
+    for tier in tiers() {
+        for _ in 0..scaled(50) {
+            let r = tier.build(0u32, NoRelease);
+            let confirmed = AtomicBool::new(false);
+            let stop = AtomicBool::new(false);
+            let violations = AtomicUsize::new(0);
+            let before = AtomicUsize::new(0);
+            let checked_after = AtomicUsize::new(0);
+            thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        while !stop.load(SeqCst) {
+                            let seen = confirmed.load(SeqCst);
+                            let got = r.tryget_live();
+                            match (seen, got.is_some()) {
+                                (true, true) => {
+                                    violations.fetch_add(1, SeqCst);
+                                }
+                                (true, false) => {
+                                    checked_after.fetch_add(1, SeqCst);
+                                }
+                                (false, true) => {
+                                    before.fetch_add(1, SeqCst);
+                                }
+                                (false, false) => {}
+                            }
                         }
-                        if got.is_some() {
-                            successes_after.fetch_add(1, SeqCst);
-                        }
-                    }
-                });
-            }
-            let keep = r.tryget().unwrap();
-            thread::yield_now();
-            r.kill_and_confirm(|| confirmed.store(true, SeqCst))
-                .unwrap();
-            // Let the spinners observe the confirmation a few times.
-            for _ in 0..scaled(100) {
-                thread::yield_now();
-                if r.tryget_live().is_some() {
-                    violations.fetch_add(1, SeqCst);
+                    });
                 }
-            }
-            stop.store(true, SeqCst);
-            drop(keep);
-        });
-        assert_eq!(violations.load(SeqCst), 0);
-        assert!(r.is_zero());
+                let keep = r.tryget().unwrap();
+                // Kill while the spinners are taking references.
+                while before.load(SeqCst) < 10 {
+                    std::hint::spin_loop();
+                }
+                r.kill_and_confirm(|| confirmed.store(true, SeqCst))
+                    .unwrap();
+                assert!(r.tryget_live().is_none());
+                // Until both spinners have checked after the confirmation.
+                while checked_after.load(SeqCst) < 20 {
+                    std::hint::spin_loop();
+                }
+                stop.store(true, SeqCst);
+                drop(keep);
+            });
+            assert_eq!(violations.load(SeqCst), 0, "{tier:?}");
+            assert!(r.is_zero());
+        }
     }
 }
 
@@ -203,7 +245,7 @@ fn mode_switches_under_concurrent_get_put_keep_count_exact() {
                         mine.push(g.clone());
                     }
                     if mine.len() > 20 {
-                        mine.swap_remove(i % mine.len());
+                        drop(mine.swap_remove(i % mine.len()));
                     }
                 }
                 outstanding.lock().unwrap().extend(mine);
@@ -353,7 +395,7 @@ fn dead_builder_starts_released_and_reinit_activates_it() {
 fn underflow_is_detected_when_summed_and_never_releases_twice() {
     let (released, f) = counting();
     let r = PercpuRef::new(0u32, f);
-    // SAFETY (test): deliberately unbalanced, to exercise detection. No
+    // SAFETY: (test) deliberately unbalanced, to exercise detection. No
     // `Ref` is alive, so no one relies on the count.
     unsafe { r.put_many(3) };
     assert!(
@@ -366,7 +408,7 @@ fn underflow_is_detected_when_summed_and_never_releases_twice() {
     }
     assert!(r.check().is_err());
     assert!(released.load(SeqCst) <= 1);
-    // SAFETY (test): as above.
+    // SAFETY: (test) as above.
     unsafe {
         r.get_many(3);
         r.put_many(3);
@@ -378,7 +420,7 @@ fn underflow_is_detected_when_summed_and_never_releases_twice() {
 fn underflow_in_atomic_mode_is_flagged_without_release() {
     let (released, f) = counting();
     let r = PercpuRef::builder(0u32).release(f).atomic().build();
-    // SAFETY (test): deliberately drops the owner's initial reference.
+    // SAFETY: (test) deliberately drops the owner's initial reference.
     unsafe { r.put_many(1) };
     assert!(r.check().is_err(), "zero on a live ref is an underflow");
     assert_eq!(released.load(SeqCst), 0, "never released without kill");
@@ -585,5 +627,93 @@ fn stress_shared_ref_kill_while_two_threads_hammer() {
         });
         assert_eq!(released.load(SeqCst), 1);
         assert!(r.is_zero());
+    }
+}
+
+/// Threads migrate between CPUs (pinned with core_affinity to each core in
+/// turn) while they get/put and the main thread flips modes and then kills:
+/// the count must stay exact (zero exactly at the last put) and the release
+/// must run once. Runs on both tiers: for the rseq tier this is the test of
+/// the restartable sequence under migration and membarrier mode switches.
+#[test]
+fn stress_migration_mode_flips_and_kill_keep_count_exact() {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    for tier in tiers() {
+        for _round in 0..scaled(10) {
+            let released = AtomicUsize::new(0);
+            let r = tier.build(0u32, |_: &u32| {
+                released.fetch_add(1, SeqCst);
+            });
+            let barrier = std::sync::Barrier::new(3);
+            let workers_started = AtomicUsize::new(0);
+            thread::scope(|s| {
+                for w in 0..2usize {
+                    let (r, barrier, cores, released) = (&r, &barrier, &cores, &released);
+                    let started = &workers_started;
+                    s.spawn(move || {
+                        let base = r.tryget().expect("live");
+                        let mut held = Vec::new();
+                        for i in 0..scaled(40_000) {
+                            if i % 512 == 0 && !cores.is_empty() {
+                                core_affinity::set_for_current(cores[(i / 512 + w) % cores.len()]);
+                            }
+                            if i == 1000 {
+                                started.fetch_add(1, SeqCst);
+                            }
+                            // `base` keeps the count > 0: tryget succeeds even
+                            // once the ref is dying.
+                            let g = r.tryget().expect("count > 0");
+                            if i % 3 == 0 {
+                                held.push(g.clone());
+                            }
+                            if held.len() > 16 {
+                                drop(held.swap_remove(i % 16));
+                            }
+                        }
+                        drop(held);
+                        barrier.wait(); // all but the bases dropped
+                        barrier.wait(); // main checked
+                        if w == 0 {
+                            drop(base);
+                            barrier.wait();
+                        } else {
+                            barrier.wait(); // worker 0 dropped its base
+                            assert_eq!(released.load(SeqCst), 0, "one base left");
+                            drop(base);
+                        }
+                    });
+                }
+                while workers_started.load(SeqCst) < 2 {
+                    std::hint::spin_loop();
+                }
+                for i in 0..scaled(200) {
+                    if i % 2 == 0 {
+                        r.switch_to_atomic();
+                    } else {
+                        r.switch_to_percpu();
+                    }
+                }
+                r.kill().unwrap();
+                barrier.wait();
+                assert_eq!(released.load(SeqCst), 0, "bases still held");
+                assert!(!r.is_zero());
+                barrier.wait();
+                barrier.wait();
+            });
+            assert_eq!(released.load(SeqCst), 1, "{tier:?}");
+            assert!(r.is_zero());
+            assert!(r.check().is_ok());
+        }
+    }
+}
+
+#[test]
+fn portable_builder_forces_the_portable_tier() {
+    let r = PercpuRef::builder(0u8).portable().build();
+    assert_eq!(r.tier(), Tier::Portable);
+    let d = PercpuRef::new(0u8, NoRelease);
+    assert_eq!(d.tier(), percpu_ref::init());
+    if std::env::var_os("PERCPU_REF_PORTABLE").is_some_and(|v| v == "1") {
+        assert_eq!(d.tier(), Tier::Portable, "the environment forces it");
     }
 }

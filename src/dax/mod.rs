@@ -1,1 +1,43 @@
-//! DevicePagePool (see issue 6).
+//! `DevicePagePool`: a pmem-backed page pool with legal hot shutdown
+//! (DESIGN.md §6).
+//!
+//! The pool is the crate's two lower layers put to work, the way Linux ties
+//! `ZONE_DEVICE` pages to their `dev_pagemap`:
+//!
+//! * each page is a [`PageRef`](crate::PageRef) whose hook takes one
+//!   reference on the pool's [`PercpuRef`](crate::PercpuRef) when the page
+//!   is allocated (0→1, `tryget_live`) and drops it when the page is freed
+//!   (1→0), after returning the page to the free lists;
+//! * shutdown kills the `PercpuRef`: allocation and lookup fail from then
+//!   on, pages in use stay valid, and the release — which runs when the
+//!   last page is freed — persists and unmaps the memory and wakes the
+//!   waiters.
+//!
+//! | module | what |
+//! |---|---|
+//! | `backend` | path → device dax / fsdax / file; anonymous; bound checks before `mmap` |
+//! | `region` | the mapping, `persist`, unmap-once |
+//! | `free` | per-CPU free-page caches in front of a shared list |
+//! | `registry` | address → pool, lock-free reads (`arc-swap`) |
+//! | `pool` | `DevicePagePool`, `DevicePage`, `ShutdownHandle` |
+//!
+//! Syscalls, sysfs and the flush instructions are in `sys::mem`.
+//!
+//! Not built under loom (`--cfg percpu_ref_loom`): a pool of mapped memory
+//! is not something the model checker can run; the layers it is made of
+//! have their own loom models.
+#![cfg(not(percpu_ref_loom))]
+
+mod backend;
+mod error;
+mod free;
+mod options;
+mod pool;
+mod region;
+mod registry;
+
+pub use error::{PoolError, StillHeld};
+pub use options::{Backend, PersistMethod, PoolOptions, MIN_PAGE_SIZE};
+pub use pool::{
+    DevicePage, DevicePagePool, PoolStats, ShutdownFuture, ShutdownHandle, ShutdownReport,
+};

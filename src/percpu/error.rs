@@ -39,7 +39,7 @@ pub enum ReviveError {
 }
 
 /// The count of a ref went below zero: more puts than gets through the raw
-/// API. Returned by [`PercpuRef::underflow`](crate::PercpuRef::underflow).
+/// API. Returned by [`PercpuRef::check`](crate::PercpuRef::check).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("percpu_ref underflow: more puts than gets were made through the raw API")]
 pub struct Underflow;

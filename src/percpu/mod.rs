@@ -45,6 +45,18 @@ pub enum Mode {
     Atomic,
 }
 
+/// How a [`PercpuRef`] counts in percpu mode (fixed when it is built).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// A plain add on the current CPU's slot inside a restartable sequence
+    /// (rseq); mode switches use `membarrier`. Linux x86_64 with glibc's
+    /// rseq registration.
+    Rseq,
+    /// A relaxed atomic `fetch_add` on the current CPU's slot; mode
+    /// switches swap each slot to a drained marker. Everywhere.
+    Portable,
+}
+
 /// A reference count with the Linux kernel's `percpu_ref` semantics, owning
 /// the counted value `T` and a [`ReleasePolicy`] `P`.
 ///
@@ -95,6 +107,7 @@ pub struct Builder<T, P = NoRelease> {
     atomic: bool,
     dead: bool,
     allow_reinit: bool,
+    portable: bool,
 }
 
 impl<T, P> Builder<T, P> {
@@ -106,6 +119,7 @@ impl<T, P> Builder<T, P> {
             atomic: self.atomic,
             dead: self.dead,
             allow_reinit: self.allow_reinit,
+            portable: self.portable,
         }
     }
 
@@ -134,9 +148,20 @@ impl<T, P> Builder<T, P> {
         self
     }
 
+    /// Use the portable tier even where the rseq tier is available (the
+    /// environment variable `PERCPU_REF_PORTABLE=1` does this for every
+    /// ref of the process).
+    pub fn portable(mut self) -> Self {
+        self.portable = true;
+        self
+    }
+
     /// Build the ref.
     pub fn build(self) -> PercpuRef<T, P> {
         let mut state = 0;
+        if self.portable || !crate::sys::rseq::rseq_available() {
+            state |= PORTABLE;
+        }
         let central;
         let slot_init;
         if self.atomic || self.dead {
@@ -186,6 +211,7 @@ impl<T> PercpuRef<T, NoRelease> {
             atomic: false,
             dead: false,
             allow_reinit: false,
+            portable: false,
         }
     }
 }
@@ -215,6 +241,16 @@ impl<T, P> PercpuRef<T, P> {
             Mode::Atomic
         } else {
             Mode::Percpu
+        }
+    }
+
+    /// The counting tier of this ref.
+    pub fn tier(&self) -> Tier {
+        // Relaxed: PORTABLE never changes after construction.
+        if self.state.load(Relaxed) & PORTABLE != 0 {
+            Tier::Portable
+        } else {
+            Tier::Rseq
         }
     }
 
@@ -254,15 +290,26 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     fn add(&self, d: i64) {
         // Relaxed: the mode only says where to *try* counting. A slot's
-        // fetch_add result tells whether the slot was drained; counting on
-        // the central count is correct in every mode.
-        if self.state.load(Relaxed) & ATOMIC == 0 {
-            // Relaxed: making a reference from an existing one needs no
-            // ordering (as `Arc::clone`); the fold's swap reads this value
-            // by coherence of the slot's modification order.
-            let prev = self.slots.current().fetch_add(d, Relaxed);
-            if !is_drained(prev) {
-                return;
+        // fetch_add result (portable) or the gate read inside the
+        // restartable sequence (rseq) tells whether the slot still counts;
+        // counting on the central count is correct in every mode.
+        let s = self.state.load(Relaxed);
+        if s & ATOMIC == 0 {
+            if s & PORTABLE == 0 {
+                // SAFETY: PORTABLE is clear only if rseq was available when
+                // this ref was built; the slots are written otherwise only
+                // between ATOMIC + fence_all_cpus and clearing ATOMIC.
+                if unsafe { self.slots.rseq_add(&self.state, ATOMIC, d) } {
+                    return;
+                }
+            } else {
+                // Relaxed: making a reference from an existing one needs no
+                // ordering (as `Arc::clone`); the fold's swap reads this
+                // value by coherence of the slot's modification order.
+                let prev = self.slots.current().fetch_add(d, Relaxed);
+                if !is_drained(prev) {
+                    return;
+                }
             }
         }
         self.central_add(d);
@@ -279,13 +326,22 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     fn sub(&self, d: i64) {
         // Relaxed: see `add`.
-        if self.state.load(Relaxed) & ATOMIC == 0 {
-            // Release: pairs with the AcqRel swap that drains this slot, so
-            // this holder's uses of `T` happen before the fold and hence
-            // before the release (which acquires the fold's result).
-            let prev = self.slots.current().fetch_sub(d, Release);
-            if !is_drained(prev) {
-                return;
+        let s = self.state.load(Relaxed);
+        if s & ATOMIC == 0 {
+            if s & PORTABLE == 0 {
+                // SAFETY: as in `add`. Ordering: the drain runs after
+                // membarrier, which orders every committed add before it.
+                if unsafe { self.slots.rseq_add(&self.state, ATOMIC, -d) } {
+                    return;
+                }
+            } else {
+                // Release: pairs with the AcqRel swap that drains this
+                // slot, so this holder's uses of `T` happen before the fold
+                // and hence before the release (which acquires the fold).
+                let prev = self.slots.current().fetch_sub(d, Release);
+                if !is_drained(prev) {
+                    return;
+                }
             }
         }
         self.central_sub(d);
@@ -370,20 +426,33 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     fn tryget_inner(&self, live: bool) -> bool {
         // Relaxed: a hint, see `add`.
-        if self.state.load(Relaxed) & ATOMIC == 0 {
-            // Relaxed: see `add`. A non-drained slot means the fold, which
-            // comes later in this slot's modification order, will count it;
-            // a percpu-mode ref holds its initial reference until after that
-            // fold, so the count is > 0.
-            let prev = self.slots.current().fetch_add(1, Relaxed);
-            if !is_drained(prev) {
-                return true;
+        let s = self.state.load(Relaxed);
+        if s & ATOMIC == 0 {
+            if s & PORTABLE == 0 {
+                // SAFETY: as in `add`. A committed add means the gate was
+                // clear inside the sequence, so the kill's membarrier (after
+                // it set DEAD|ATOMIC) had not yet passed: the fold counts
+                // this reference. An aborted/gated one falls through to the
+                // central count, which re-reads DEAD.
+                if unsafe { self.slots.rseq_add(&self.state, ATOMIC, 1) } {
+                    return true;
+                }
+            } else {
+                // Relaxed: see `add`. A non-drained slot means the fold,
+                // which comes later in this slot's modification order, will
+                // count it; a percpu-mode ref holds its initial reference
+                // until after that fold, so the count is > 0.
+                let prev = self.slots.current().fetch_add(1, Relaxed);
+                if !is_drained(prev) {
+                    return true;
+                }
+                // Drained: our +1 went to a dead slot and is discarded.
+                // Acquire: pairs with the AcqRel swap that wrote the marker
+                // we read; the drainer set DEAD/ATOMIC before that swap, so
+                // `central_tryget` re-reads the state and refuses if this
+                // drain was a kill.
+                fence(Acquire);
             }
-            // Drained: our +1 went to a dead slot and is discarded. Acquire:
-            // pairs with the AcqRel swap that wrote the marker we read; the
-            // drainer set DEAD/ATOMIC before that swap, so `central_tryget`
-            // re-reads the state and refuses if this drain was a kill.
-            fence(Acquire);
         }
         self.central_tryget(live)
     }
@@ -400,8 +469,9 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     /// Take a reference only if the ref was not killed
     /// (`percpu_ref_tryget_live`).
     ///
-    /// Every call that starts after a [`kill_and_confirm`]
-    /// (Self::kill_and_confirm) callback has run (ordered after it, e.g. by
+    /// Every call that starts after a
+    /// [`kill_and_confirm`](Self::kill_and_confirm) callback has run
+    /// (ordered after it, e.g. by
     /// a flag the callback sets) fails. A call racing the kill itself may
     /// still succeed; the count then waits for that reference too.
     #[inline]
@@ -465,6 +535,12 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
         let old = self.state.fetch_or(ATOMIC, SeqCst);
         if old & ATOMIC != 0 {
             return None;
+        }
+        if old & PORTABLE == 0 {
+            // rseq tier: every sequence in flight on any CPU either
+            // committed its add or aborted and will see ATOMIC; after this
+            // nobody writes the slots until ATOMIC is cleared.
+            crate::sys::rseq::fence_all_cpus();
         }
         let mut sum: i64 = 0;
         for cpu in 0..self.slots.len() {

@@ -22,6 +22,9 @@ pub(crate) const SLOTS_PER_ROW: usize = 16;
 pub(crate) struct Slots {
     #[cfg(not(percpu_ref_loom))]
     first: std::ptr::NonNull<AtomicI64>,
+    /// `possible()` at creation, cached: the hot path must not call out.
+    #[cfg(not(percpu_ref_loom))]
+    n: usize,
     #[cfg(percpu_ref_loom)]
     slots: Box<[AtomicI64]>,
 }
@@ -43,6 +46,7 @@ impl Slots {
         #[cfg(not(percpu_ref_loom))]
         let s = Slots {
             first: arena::take(),
+            n: crate::sys::cpu::possible(),
         };
         #[cfg(percpu_ref_loom)]
         let s = Slots {
@@ -61,7 +65,7 @@ impl Slots {
     pub(crate) fn len(&self) -> usize {
         #[cfg(not(percpu_ref_loom))]
         {
-            crate::sys::cpu::possible()
+            self.n
         }
         #[cfg(percpu_ref_loom)]
         {
@@ -74,10 +78,12 @@ impl Slots {
     pub(crate) fn get(&self, cpu: usize) -> &AtomicI64 {
         #[cfg(not(percpu_ref_loom))]
         {
-            assert!(cpu < self.len());
+            // Never taken: `sys::cpu::current()` is below `possible()`. The
+            // fold keeps an out-of-range id from ever reaching the pointer.
+            let cpu = if cpu < self.n { cpu } else { cpu % self.n };
             // SAFETY: the arena chunk has `possible()` rows of
             // `SLOTS_PER_ROW` atomics each; `first` is this ref's column in
-            // row 0 and `cpu < possible()`, so the address is inside the
+            // row 0 and `cpu < n == possible()`, so the address is inside the
             // chunk. The chunk is leaked, so the reference lives as long as
             // `self` (and longer).
             unsafe { &*self.first.as_ptr().add(cpu * SLOTS_PER_ROW) }
@@ -85,6 +91,47 @@ impl Slots {
         #[cfg(percpu_ref_loom)]
         {
             &self.slots[cpu]
+        }
+    }
+
+    /// The rseq tier's add: `d` on the current CPU's slot with a plain add
+    /// inside a restartable sequence, unless `gate & mask` is set (read
+    /// inside the sequence). `false`: nothing was added.
+    ///
+    /// # Safety
+    ///
+    /// `sys::rseq::rseq_available()` returned `true` before this ref was
+    /// built (so it happens-before this call), and the caller only writes
+    /// these slots otherwise after setting the gate bit and calling
+    /// `sys::rseq::fence_all_cpus()`, until it clears the bit again.
+    #[inline(always)]
+    pub(crate) unsafe fn rseq_add(
+        &self,
+        gate: &crate::sync::AtomicUsize,
+        mask: usize,
+        d: i64,
+    ) -> bool {
+        #[cfg(not(percpu_ref_loom))]
+        {
+            // SAFETY: the caller's contract covers availability and the
+            // write discipline; `first` is this ref's row-0 slot and each
+            // CPU's slot is `SLOTS_PER_ROW * 8` bytes further (inside the
+            // leaked chunk, 8-aligned, one per CPU); `gate` is a live atomic
+            // for the whole call.
+            unsafe {
+                crate::sys::rseq::percpu_add(
+                    self.first.as_ptr().cast::<i64>(),
+                    SLOTS_PER_ROW * 8,
+                    gate.as_ptr().cast_const(),
+                    mask,
+                    d,
+                )
+            }
+        }
+        #[cfg(percpu_ref_loom)]
+        {
+            let _ = (gate, mask, d);
+            false
         }
     }
 

@@ -10,6 +10,7 @@
 //!  ALLOW_REINIT   .allow_reinit(), .dead()       never
 //!  UNDERFLOW      a put or a fold that took the  never (sticky diagnostic)
 //!                 count below zero
+//!  PORTABLE       build (forced, or no rseq)     never: the tier is per ref
 //!
 //!  state          ATOMIC DEAD RELEASED   count lives in
 //!  percpu-live      0     0      0       central (with BIAS) + slots
@@ -30,6 +31,9 @@ pub(crate) const FORCE_ATOMIC: usize = 1 << 3;
 pub(crate) const ALLOW_REINIT: usize = 1 << 4;
 /// More puts than gets were seen.
 pub(crate) const UNDERFLOW: usize = 1 << 5;
+/// This ref counts with atomic `fetch_add` on its slots (the portable
+/// tier); clear: with the rseq tier's plain adds.
+pub(crate) const PORTABLE: usize = 1 << 6;
 
 /// Added to the central count while in percpu mode (as the kernel's
 /// `PERCPU_COUNT_BIAS`): the true count is `central - BIAS + Σ slots`, and

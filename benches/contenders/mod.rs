@@ -1,0 +1,263 @@
+//! The get+put contenders shared by `benches/percpu.rs` and
+//! `examples/scaling.rs`: one small trait, many counters, the same workload.
+//!
+//! Every contender implements [`Counter::run`]: `iters` get+put pairs on the
+//! calling thread, as worker number `worker` of a run with a known thread
+//! count. The per-thread setup a real user would do once (take a `Ref`,
+//! find a thread-local slot) happens before the loop, outside the pairs.
+
+use crossbeam_utils::CachePadded;
+use percpu_ref::{NoRelease, PercpuRef};
+use std::cell::Cell;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering::*};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// A reference count under test.
+pub(crate) trait Counter: Sync {
+    /// Run `iters` get+put pairs as worker `worker` (`< threads` given to
+    /// the constructor).
+    fn run(&self, worker: usize, iters: u64);
+}
+
+/// A named way to build a [`Counter`] for a given number of threads.
+pub(crate) struct Contender {
+    /// Short name, used as the criterion function id and the CSV key.
+    pub(crate) name: &'static str,
+    /// Build a fresh counter for `threads` workers.
+    pub(crate) make: Box<dyn Fn(usize) -> Box<dyn Counter>>,
+}
+
+/// How to build the `PercpuRef` under test, one entry per counter tier.
+/// Every entry becomes a `get+put` contender named after it (and, in the
+/// criterion suite, a `<name>_tryget_live` one). A tier that needs a builder
+/// option (e.g. forcing the portable tier) is one more line here.
+pub(crate) const PERCPU_TIERS: &[Tier] = &[Tier {
+    name: "percpu_ref",
+    new: || PercpuRef::new(0, NoRelease),
+}];
+
+/// One way to build the `PercpuRef` under test.
+pub(crate) struct Tier {
+    /// The contender's name.
+    pub(crate) name: &'static str,
+    /// Build a live ref in percpu mode.
+    pub(crate) new: fn() -> PercpuRef<u64>,
+}
+
+/// `Ref::clone` + drop on a `Ref` taken once per thread.
+struct PercpuGetPut(PercpuRef<u64>);
+
+impl Counter for PercpuGetPut {
+    fn run(&self, _worker: usize, iters: u64) {
+        let r = self.0.tryget().expect("the ref under test is live");
+        for _ in 0..iters {
+            drop(black_box(r.clone()));
+        }
+    }
+}
+
+/// `tryget_live` + drop.
+struct PercpuTrygetLive(PercpuRef<u64>);
+
+impl Counter for PercpuTrygetLive {
+    fn run(&self, _worker: usize, iters: u64) {
+        for _ in 0..iters {
+            drop(black_box(self.0.tryget_live()));
+        }
+    }
+}
+
+/// `Arc::clone` + drop on one shared `Arc`.
+struct ArcCounter(Arc<u64>);
+
+impl Counter for ArcCounter {
+    fn run(&self, _worker: usize, iters: u64) {
+        for _ in 0..iters {
+            drop(black_box(Arc::clone(&self.0)));
+        }
+    }
+}
+
+/// One shared `AtomicUsize`, add then sub (the orderings `Arc` uses).
+struct SharedAtomic(AtomicUsize);
+
+impl Counter for SharedAtomic {
+    fn run(&self, _worker: usize, iters: u64) {
+        for _ in 0..iters {
+            let c = black_box(&self.0);
+            // Relaxed: as Arc::clone; the benchmark only needs the RMW.
+            c.fetch_add(1, Relaxed);
+            // Release: as Arc's drop, so the cost matches a real refcount.
+            c.fetch_sub(1, Release);
+        }
+    }
+}
+
+/// A sharded counter: one cache-padded atomic slot per worker thread.
+struct Sharded(Box<[CachePadded<AtomicUsize>]>);
+
+impl Counter for Sharded {
+    fn run(&self, worker: usize, iters: u64) {
+        let slot: &AtomicUsize = &self.0[worker % self.0.len()];
+        for _ in 0..iters {
+            let c = black_box(slot);
+            // Relaxed: as in SharedAtomic.
+            c.fetch_add(1, Relaxed);
+            // Release: as in SharedAtomic.
+            c.fetch_sub(1, Release);
+        }
+    }
+}
+
+thread_local! {
+    static FLOOR: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The floor: a plain (non-atomic) add and sub through a pointer to a
+/// thread-local, i.e. `inc [reg]; dec [reg]`. The pointer is laundered
+/// through `black_box` once, so the compiler cannot turn the accesses into
+/// the slow `inc fs:[..]` chain a `thread_local!` `Cell` in the loop becomes
+/// (~3 ns per pair on AMD against ~0.5); volatile accesses keep the +1/-1
+/// from being folded away.
+struct TlsFloor;
+
+impl Counter for TlsFloor {
+    fn run(&self, _worker: usize, iters: u64) {
+        FLOOR.with(|cell| {
+            let p: *mut u64 = black_box(cell.as_ptr());
+            for _ in 0..iters {
+                // SAFETY: `p` points to this thread's `FLOOR`, alive for the
+                // whole closure; `Cell` allows writes through its pointer,
+                // and no reference to the value exists meanwhile.
+                unsafe {
+                    p.write_volatile(p.read_volatile().wrapping_add(1));
+                    p.write_volatile(p.read_volatile().wrapping_sub(1));
+                }
+            }
+        });
+    }
+}
+
+/// `crossbeam_epoch::pin()` + drop of the guard.
+#[cfg(feature = "epoch")]
+struct EpochPin;
+
+#[cfg(feature = "epoch")]
+impl Counter for EpochPin {
+    fn run(&self, _worker: usize, iters: u64) {
+        for _ in 0..iters {
+            drop(black_box(crossbeam_epoch::pin()));
+        }
+    }
+}
+
+/// The contenders the scaling sweep plots: every `PercpuRef` tier, `Arc`,
+/// a shared `AtomicUsize`, a sharded counter, and the thread-local floor.
+pub(crate) fn core_contenders() -> Vec<Contender> {
+    let mut v: Vec<Contender> = PERCPU_TIERS
+        .iter()
+        .map(|&Tier { name, new }| Contender {
+            name,
+            make: Box::new(move |_| Box::new(PercpuGetPut(new()))),
+        })
+        .collect();
+    v.push(Contender {
+        name: "arc",
+        make: Box::new(|_| Box::new(ArcCounter(Arc::new(0)))),
+    });
+    v.push(Contender {
+        name: "atomic_usize",
+        make: Box::new(|_| Box::new(SharedAtomic(AtomicUsize::new(0)))),
+    });
+    v.push(Contender {
+        name: "sharded",
+        make: Box::new(|threads| {
+            let slots = (0..threads.max(1))
+                .map(|_| CachePadded::new(AtomicUsize::new(0)))
+                .collect();
+            Box::new(Sharded(slots))
+        }),
+    });
+    v.push(Contender {
+        name: "tls_floor",
+        make: Box::new(|_| Box::new(TlsFloor)),
+    });
+    v
+}
+
+/// [`core_contenders`] plus `tryget_live`+drop for every tier and
+/// `crossbeam_epoch::pin` (feature `epoch`): the criterion suite.
+pub(crate) fn all_contenders() -> Vec<Contender> {
+    let mut v = core_contenders();
+    let tiers = PERCPU_TIERS.len();
+    for (i, &Tier { name, new }) in PERCPU_TIERS.iter().enumerate() {
+        let name: &'static str = Box::leak(format!("{name}_tryget_live").into_boxed_str());
+        v.insert(
+            tiers + i,
+            Contender {
+                name,
+                make: Box::new(move |_| Box::new(PercpuTrygetLive(new()))),
+            },
+        );
+    }
+    #[cfg(feature = "epoch")]
+    v.push(Contender {
+        name: "epoch_pin",
+        make: Box::new(|_| Box::new(EpochPin)),
+    });
+    v
+}
+
+/// The cores to pin workers to, worker `i` on `cores[i % len]`; empty if
+/// the platform cannot tell (workers then run unpinned).
+pub(crate) fn cores() -> Vec<core_affinity::CoreId> {
+    core_affinity::get_core_ids().unwrap_or_default()
+}
+
+/// Pin the calling thread as worker `i`; false if pinning failed.
+pub(crate) fn pin(cores: &[core_affinity::CoreId], i: usize) -> bool {
+    !cores.is_empty() && core_affinity::set_for_current(cores[i % cores.len()])
+}
+
+/// Run `iters` pairs on each of `threads` workers pinned one per core, all
+/// started together by a barrier, and return the slowest worker's time.
+/// Worker 0 is the calling thread (already pinned to `cores[0]`), so
+/// `threads` threads share `threads` cores; the others are started here,
+/// once per call (one criterion sample), outside the timed part.
+pub(crate) fn run_pinned(
+    counter: &dyn Counter,
+    threads: usize,
+    iters: u64,
+    cores: &[core_affinity::CoreId],
+) -> Duration {
+    if threads <= 1 {
+        let t0 = Instant::now();
+        counter.run(0, iters);
+        return t0.elapsed();
+    }
+    let barrier = Barrier::new(threads);
+    let timed = |worker: usize| {
+        barrier.wait();
+        let t0 = Instant::now();
+        counter.run(worker, iters);
+        t0.elapsed()
+    };
+    std::thread::scope(|s| {
+        let others: Vec<_> = (1..threads)
+            .map(|w| {
+                let timed = &timed;
+                s.spawn(move || {
+                    pin(cores, w);
+                    timed(w)
+                })
+            })
+            .collect();
+        let mine = timed(0);
+        others
+            .into_iter()
+            .map(|h| h.join().expect("benchmark worker panicked"))
+            .fold(mine, Duration::max)
+    })
+}

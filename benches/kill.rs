@@ -1,0 +1,272 @@
+//! Shutdown latency of a `PercpuRef` that other threads are hammering:
+//!
+//! * `kill_confirm`: from calling `kill_and_confirm` until its confirm
+//!   callback runs (from then on every `tryget_live` fails);
+//! * `kill_release`: from calling `kill` until the release policy runs
+//!   (the last reference dropped, on whichever thread);
+//! * `membarrier`: one `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` call,
+//!   the floor a membarrier-based switch cannot beat, measured the same way
+//!   (Linux only).
+//!
+//! each with 0, 1 and all other cores busy doing `tryget_live`+drop on the
+//! ref (threads pinned one per core). Every iteration uses a fresh ref; only
+//! the operation itself is timed, not the setup. A ratio summary is printed
+//! at the end. Run: `cargo bench --bench kill`.
+
+#[path = "contenders/report.rs"]
+mod report;
+
+use criterion::Criterion;
+use percpu_ref::{PercpuRef, ReleasePolicy};
+use std::hint::{black_box, spin_loop};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The clock `Stamp` writes in: nanoseconds since this instant, plus one
+/// (so zero means "not released yet").
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// A release policy that records when it ran.
+struct Stamp(Arc<AtomicU64>);
+
+impl ReleasePolicy<()> for Stamp {
+    fn release(&self, _: &()) {
+        let ns = base().elapsed().as_nanos() as u64 + 1;
+        // Release: pairs with the Acquire load in `wait_released`; only the
+        // value matters, the ordering keeps the handshake obvious.
+        self.0.store(ns, Release);
+    }
+}
+
+type Dev = PercpuRef<(), Stamp>;
+
+/// The operation timed in one iteration.
+#[derive(Clone, Copy)]
+enum Op {
+    KillConfirm,
+    KillRelease,
+    Membarrier(fn()),
+}
+
+/// Hand-off between the timing thread and the busy threads.
+#[derive(Default)]
+struct Busy {
+    current: Mutex<Option<Arc<Dev>>>,
+    generation: AtomicU64,
+    started: AtomicUsize,
+    finished: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Busy {
+    /// A busy thread: for each new ref, `tryget_live`+drop until the kill
+    /// makes it fail.
+    fn work(&self) {
+        let mut seen = 0;
+        loop {
+            let generation = loop {
+                // Acquire: pairs with the Release store in `measure`.
+                if self.stop.load(Acquire) {
+                    return;
+                }
+                // Acquire: pairs with the Release increment in `measure`, so
+                // `current` already holds this generation's ref.
+                let g = self.generation.load(Acquire);
+                if g != seen {
+                    break g;
+                }
+                spin_loop();
+            };
+            seen = generation;
+            let dev = lock(&self.current)
+                .clone()
+                .expect("a ref is published with its generation");
+            // Release: publishes nothing but keeps the handshake obvious.
+            self.started.fetch_add(1, Release);
+            while let Some(r) = dev.tryget_live() {
+                drop(black_box(r));
+            }
+            drop(dev);
+            // Release: our last put happens before the timing thread reuses
+            // the hand-off for the next ref.
+            self.finished.fetch_add(1, Release);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn spin_until(done: impl Fn() -> bool) {
+    while !done() {
+        spin_loop();
+    }
+}
+
+/// Time `iters` runs of `op`, each on a fresh ref with `busy` threads
+/// hammering it; returns the sum of the timed parts.
+fn measure(op: Op, busy: usize, iters: u64, cores: &[core_affinity::CoreId]) -> Duration {
+    let hand = Busy::default();
+    let released_at = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for i in 0..busy {
+            let hand = &hand;
+            s.spawn(move || {
+                if let Some(&core) = cores.get((i + 1) % cores.len().max(1)) {
+                    core_affinity::set_for_current(core);
+                }
+                hand.work();
+            });
+        }
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            // Relaxed: no busy thread touches these between refs.
+            released_at.store(0, Relaxed);
+            hand.started.store(0, Relaxed);
+            hand.finished.store(0, Relaxed);
+            let dev = Arc::new(PercpuRef::new((), Stamp(Arc::clone(&released_at))));
+            *lock(&hand.current) = Some(Arc::clone(&dev));
+            // Release: pairs with the Acquire load in `Busy::work`.
+            hand.generation.fetch_add(1, Release);
+            // Acquire: pairs with the Release increment in `Busy::work`.
+            spin_until(|| hand.started.load(Acquire) == busy);
+
+            let t0 = Instant::now();
+            match op {
+                Op::KillConfirm => {
+                    let mut confirmed = None;
+                    dev.kill_and_confirm(|| confirmed = Some(Instant::now()))
+                        .expect("a fresh ref is live");
+                    total += confirmed.expect("confirm ran").duration_since(t0);
+                }
+                Op::KillRelease => {
+                    dev.kill().expect("a fresh ref is live");
+                    // Acquire: pairs with the Release store in `Stamp`.
+                    spin_until(|| released_at.load(Acquire) != 0);
+                    let at = base() + Duration::from_nanos(released_at.load(Relaxed) - 1);
+                    total += at.saturating_duration_since(t0);
+                }
+                Op::Membarrier(barrier) => {
+                    barrier();
+                    total += t0.elapsed();
+                    dev.kill().expect("a fresh ref is live");
+                }
+            }
+            // Acquire: pairs with the Release increment in `Busy::work`.
+            spin_until(|| hand.finished.load(Acquire) == busy);
+            *lock(&hand.current) = None;
+        }
+        // Release: pairs with the Acquire load in `Busy::work`.
+        hand.stop.store(true, Release);
+        total
+    })
+}
+
+/// One `membarrier(PRIVATE_EXPEDITED)`, after registering for it; `None`
+/// where the kernel (or OS) does not offer it.
+#[cfg(target_os = "linux")]
+fn membarrier_floor() -> Option<fn()> {
+    use rustix::thread::{membarrier, MembarrierCommand};
+    match membarrier(MembarrierCommand::RegisterPrivateExpedited) {
+        Ok(()) => Some(|| {
+            membarrier(MembarrierCommand::PrivateExpedited).expect("registered above");
+        }),
+        Err(e) => {
+            eprintln!("membarrier(REGISTER_PRIVATE_EXPEDITED) failed ({e}): no floor");
+            None
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn membarrier_floor() -> Option<fn()> {
+    None
+}
+
+/// 0, 1 and all other cores busy (deduplicated; only 0 on one core).
+fn busy_counts(cores: usize) -> Vec<usize> {
+    let others = cores.saturating_sub(1);
+    let mut v: Vec<usize> = [0, 1, others]
+        .into_iter()
+        .filter(|&b| b <= others)
+        .collect();
+    v.dedup();
+    v
+}
+
+fn group_name(busy: usize) -> String {
+    format!("kill_busy_{busy}")
+}
+
+fn kill(c: &mut Criterion, cores: &[core_affinity::CoreId], floor: Option<fn()>) {
+    let mut ops = vec![
+        ("kill_confirm", Op::KillConfirm),
+        ("kill_release", Op::KillRelease),
+    ];
+    if let Some(f) = floor {
+        ops.push(("membarrier", Op::Membarrier(f)));
+    }
+    for busy in busy_counts(cores.len().max(1)) {
+        let mut g = c.benchmark_group(group_name(busy));
+        for &(name, op) in &ops {
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| measure(op, busy, iters, cores))
+            });
+        }
+        g.finish();
+    }
+}
+
+fn summary(results: &report::Results, cores: usize) {
+    let rows: Vec<_> = busy_counts(cores)
+        .into_iter()
+        .map(|busy| {
+            let t = |name| results.median_ns(&group_name(busy), name);
+            (busy, t("kill_confirm"), t("kill_release"), t("membarrier"))
+        })
+        .collect();
+    if rows
+        .iter()
+        .all(|r| r.1.is_none() && r.2.is_none() && r.3.is_none())
+    {
+        return; // filtered out, `--test`, `--list`, ...
+    }
+    println!();
+    println!("kill summary: median ns, this run only");
+    println!(
+        "{:>5} {:>13} {:>13} {:>11} {:>17}",
+        "busy", "kill→confirm", "kill→release", "membarrier", "confirm÷membarrier"
+    );
+    for (busy, confirm, release, floor) in rows {
+        println!(
+            "{:>5} {:>13} {:>13} {:>11} {:>17}",
+            busy,
+            report::ns(confirm),
+            report::ns(release),
+            report::ns(floor),
+            report::ratio(confirm, floor),
+        );
+    }
+}
+
+fn main() {
+    let results = report::Results::start();
+    base();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if !cores
+        .first()
+        .is_some_and(|&c| core_affinity::set_for_current(c))
+    {
+        eprintln!("warning: could not pin the benchmark thread; results are unpinned");
+    }
+    let floor = membarrier_floor();
+    let mut c = Criterion::default().configure_from_args();
+    kill(&mut c, &cores, floor);
+    c.final_summary();
+    summary(&results, cores.len().max(1));
+}

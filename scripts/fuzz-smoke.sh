@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Fuzz smoke test: build every cargo-fuzz target in fuzz/ and run each for
+# SECONDS (default 60) on its corpus (fuzz/corpus/<target>, seeded by the
+# checked-in seed-* files). Exits non-zero if any target finds a crash, a
+# panic, a sanitizer report, a timeout or an out-of-memory (the input is in
+# fuzz/artifacts/<target>/), or if a build fails.
+#
+# Usage: scripts/fuzz-smoke.sh [SECONDS] [TARGET...]
+# Needs the nightly toolchain; installs cargo-fuzz if it is missing.
+set -euo pipefail
+
+secs=${1:-60}
+shift || true
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "fuzz-smoke: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
+
+if [ "$#" -gt 0 ]; then
+    targets=("$@")
+else
+    mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+
+echo "fuzz-smoke: building ${targets[*]}"
+cargo +nightly fuzz build
+
+logdir=$(mktemp -d)
+failed=()
+for t in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+    log="$logdir/$t.log"
+    echo "fuzz-smoke: $t for ${secs}s"
+    # -timeout: one input running 20 s is a hang (a finding);
+    # -rss_limit_mb: leaves room for ASan's quarantine.
+    # libFuzzer runs in-process (no -jobs/-fork), from a scratch cwd.
+    if (cd "$logdir" && timeout $((secs + 120)) cargo +nightly fuzz run \
+            --fuzz-dir "$root/fuzz" "$t" -- \
+            -max_total_time="$secs" -timeout=20 -rss_limit_mb=4096 \
+            -print_final_stats=1 >"$log" 2>&1); then
+        execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+        rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
+        echo "fuzz-smoke: $t ok: ${execs:-?} execs, ${rate:-?} exec/s"
+    else
+        echo "fuzz-smoke: $t FAILED; last lines of its log:"
+        grep -v '^"' "$log" | tail -40
+        failed+=("$t")
+    fi
+done
+rm -rf "$logdir"
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "fuzz-smoke: findings in ${failed[*]} (inputs in fuzz/artifacts/)"
+    exit 1
+fi
+echo "fuzz-smoke: ${#targets[@]} targets, no findings"

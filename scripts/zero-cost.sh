@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Prove that PageRef<NoHook> costs exactly what a hand-written AtomicU32
+# counter costs: run the same workload on both under callgrind (instruction
+# counts are repeatable, unlike timings on a shared machine), count only the
+# measured function, and fail unless the counts are equal.
+#
+# Usage: scripts/zero-cost.sh [iterations]      (default 100000)
+# Needs: valgrind. Honours CARGO_TARGET_DIR.
+#
+# The binary is examples/zero_cost_page.rs. Per iteration it does one
+# get_unless_zero, one inc, three dec_and_test (the last one final, 1→0)
+# and one first_ref (0→1). Variants:
+#   page     PageRef<NoHook>
+#   bare     a hand-written AtomicU32 counter, same orderings, same checks
+#   minimal  the textbook counter without misuse checks (reference only)
+#   hot_ordinary, hot_device
+#            the hot path (no transitions) of an ordinary page and of a
+#            device page hooked to a PercpuRef: must also be equal
+# The compared number is the per-iteration cost (instructions for 2N
+# iterations minus those for N). If objdump is installed, the script also
+# compares the instructions of zc_page and zc_bare (information only).
+set -euo pipefail
+
+n=${1:-100000}
+cd "$(dirname "$0")/.."
+
+if ! command -v valgrind >/dev/null; then
+    echo "zero-cost: valgrind not found (apt-get install valgrind)" >&2
+    exit 2
+fi
+
+# No crate features are involved in PageRef; skipping them keeps the build
+# small.
+cargo build --quiet --release --no-default-features --example zero_cost_page
+target_dir=${CARGO_TARGET_DIR:-target}
+bin="$target_dir/release/examples/zero_cost_page"
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# ir VARIANT ITERATIONS: instructions executed inside zc_VARIANT.
+ir() {
+    local log="$tmp/$1-$2.log" c=""
+    if valgrind --tool=callgrind --toggle-collect="zc_$1" \
+        --callgrind-out-file="$tmp/$1-$2.out" "$bin" "$1" "$2" >/dev/null 2>"$log"; then
+        c=$(sed -n 's/^==[0-9]*== Collected : \([0-9]*\).*/\1/p' "$log")
+    fi
+    if [ -z "$c" ] || [ "$c" -eq 0 ]; then
+        echo "zero-cost: no callgrind count for $1; log:" >&2
+        cat "$log" >&2
+        exit 2
+    fi
+    echo "$c"
+}
+
+# Per-iteration cost: run N and 2N iterations and take the difference, so
+# the function's constant prologue/epilogue (register saves, which differ
+# with the type's layout) drops out. Totals are printed too.
+declare -A total loop
+for v in page bare minimal hot_ordinary hot_device; do
+    total[$v]=$(ir "$v" "$n")
+    double=$(ir "$v" $((2 * n)))
+    loop[$v]=$((double - total[$v]))
+done
+
+row() { # label variant
+    printf '  %-34s %10s per %s iterations (total %s)\n' "$1" "${loop[$2]}" "$n" "${total[$2]}"
+}
+echo "callgrind instructions executed inside the measured function"
+echo "all operations (1 get_unless_zero + 1 inc + 3 dec_and_test + 1 first_ref per iteration):"
+row "PageRef<NoHook>" page
+row "bare AtomicU32, same checks" bare
+row "bare AtomicU32, no checks (info)" minimal
+echo "hot path only (1 get_unless_zero + 1 inc + 2 dec_and_test per iteration, no transitions):"
+row "ordinary page, PageRef<NoHook>" hot_ordinary
+row "device page, PercpuRefHook" hot_device
+
+# The loop must really run: N iterations of 6 atomic operations each.
+if [ "${loop[page]}" -le "$((6 * n))" ]; then
+    echo "zero-cost: FAIL: $n iterations cost only ${loop[page]} instructions;" \
+        "the loop was optimised away?" >&2
+    exit 1
+fi
+
+if command -v objdump >/dev/null; then
+    # Instructions only: drop addresses, encodings, symbol names and
+    # jump targets, so two identical functions compare equal.
+    dis() {
+        objdump -d --no-show-raw-insn --disassemble="$1" "$bin" |
+            sed -n '/^[[:space:]]*[0-9a-f]*:/p' |
+            sed -e 's/^[[:space:]]*[0-9a-f]*:[[:space:]]*//' \
+                -e 's/<[^>]*>//g' -e 's/0x[0-9a-f]*/ADDR/g' \
+                -e 's/^\(j[a-z]*\|call\|jmp\)[[:space:]]\+[0-9a-f]\+/\1 TARGET/' \
+                -e 's/[[:space:]]*#.*$//' -e 's/[[:space:]]\+/ /g'
+    }
+    if diff <(dis zc_page) <(dis zc_bare) >"$tmp/asm.diff"; then
+        echo "  objdump: zc_page and zc_bare are the same $(dis zc_page | wc -l) instructions"
+    elif diff <(dis zc_page | sort) <(dis zc_bare | sort) >/dev/null; then
+        echo "  objdump: zc_page and zc_bare are the same $(dis zc_page | wc -l) instructions," \
+            "scheduled in a different order:"
+        sed 's/^/    /' "$tmp/asm.diff"
+    else
+        echo "  objdump: zc_page and zc_bare differ (callgrind decides):"
+        sed 's/^/    /' "$tmp/asm.diff"
+    fi
+fi
+
+status=0
+if [ "${loop[page]}" -ne "${loop[bare]}" ]; then
+    echo "zero-cost: FAIL: PageRef<NoHook> executed ${loop[page]} instructions per $n" \
+        "iterations, the bare AtomicU32 counter ${loop[bare]}" >&2
+    status=1
+fi
+if [ "${loop[hot_ordinary]}" -ne "${loop[hot_device]}" ]; then
+    echo "zero-cost: FAIL: the hot path of a device page executed ${loop[hot_device]}" \
+        "instructions per $n iterations, of an ordinary page ${loop[hot_ordinary]}" >&2
+    status=1
+fi
+if [ "$status" -eq 0 ]; then
+    echo "zero-cost: OK: PageRef<NoHook> == bare AtomicU32" \
+        "($((loop[page] / n)) instructions per iteration);" \
+        "device page hot path == ordinary ($((loop[hot_device] / n)) per iteration)"
+fi
+exit "$status"

@@ -1,0 +1,297 @@
+//! Typed errors of the device page pool.
+
+use std::io;
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Why opening, allocating from, looking up in, or persisting a
+/// [`DevicePagePool`](crate::DevicePagePool) failed.
+///
+/// Every bad input gets its own variant, naming the path and the numbers
+/// involved; nothing panics, and nothing is mapped that could fault later
+/// (a `/dev/dax` mapping past the end of the device would succeed and then
+/// raise SIGBUS on first touch, so sizes are checked before mapping).
+///
+/// ```
+/// use percpu_ref::{DevicePagePool, PoolError, PoolOptions};
+///
+/// let err = DevicePagePool::open("/no/such/dax", &PoolOptions::new()).unwrap_err();
+/// assert!(matches!(err, PoolError::NotFound { .. }));
+/// assert_eq!(err.to_string(), "/no/such/dax: no such file or device");
+/// ```
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// The path does not exist.
+    #[error("{}: no such file or device", .path.display())]
+    NotFound {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The path exists but may not be opened for reading and writing
+    /// (file mode, read-only mount, or a sysfs/procfs file).
+    #[error("{}: permission denied (the pool needs read-write access)", .path.display())]
+    PermissionDenied {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The path is neither a `/dev/dax` character device nor a regular
+    /// file (e.g. a directory or a block device).
+    #[error("{}: is a {file_type}; expected a device dax character device (/dev/daxX.Y) or a regular file", .path.display())]
+    UnsupportedFileType {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// What it is: `"directory"`, `"block device"`, `"fifo"`, ...
+        file_type: &'static str,
+    },
+
+    /// A character device whose sysfs `subsystem` is not `dax`.
+    #[error("{}: character device {major}:{minor} is not device dax (its sysfs subsystem is {subsystem:?})", .path.display())]
+    NotDax {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// Device major number.
+        major: u32,
+        /// Device minor number.
+        minor: u32,
+        /// Last component of `/sys/dev/char/MAJ:MIN/subsystem`, or
+        /// `"unknown"` if sysfs has no entry.
+        subsystem: String,
+    },
+
+    /// A sysfs attribute of a dax device could not be read.
+    #[error("{}: cannot read {} for this dax device", .path.display(), .attribute.display())]
+    Sysfs {
+        /// The device path.
+        path: PathBuf,
+        /// The sysfs file, e.g. `/sys/dev/char/252:0/size`.
+        attribute: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// `MAP_PRIVATE` was requested for device dax, which only supports
+    /// `MAP_SHARED` (the kernel would fail with EINVAL).
+    #[error("{}: device dax supports only shared mappings, but map_private was requested", .path.display())]
+    PrivateDevDax {
+        /// The device path.
+        path: PathBuf,
+    },
+
+    /// A size or offset is not a multiple of the required alignment (the
+    /// device dax alignment, usually 2 MiB, or the OS page size for the
+    /// offset of a file mapping).
+    #[error("{}: {what} {value} is not a multiple of the alignment {align}", .path.display())]
+    Unaligned {
+        /// The path (or `anonymous`).
+        path: PathBuf,
+        /// `"size"` or `"offset"`.
+        what: &'static str,
+        /// The offending value, in bytes.
+        value: u64,
+        /// The required alignment, in bytes.
+        align: u64,
+    },
+
+    /// The requested range does not fit in the device or file.
+    #[error("{}: a pool of {size} bytes at offset {offset} does not fit in the {available} bytes available", .path.display())]
+    TooLarge {
+        /// The path.
+        path: PathBuf,
+        /// Requested pool size in bytes.
+        size: u64,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Size of the device or file in bytes.
+        available: u64,
+    },
+
+    /// The pool would have zero bytes (an empty file, a zero size, or an
+    /// offset at the end).
+    #[error("{}: the pool size is zero", .path.display())]
+    ZeroSize {
+        /// The path (or `anonymous`).
+        path: PathBuf,
+    },
+
+    /// The page size is not a power of two.
+    #[error("page size {page_size} is not a power of two")]
+    PageSizeNotPowerOfTwo {
+        /// The requested page size.
+        page_size: usize,
+    },
+
+    /// The page size is below the minimum (4096 bytes).
+    #[error("page size {page_size} is smaller than the minimum {min}")]
+    PageSizeTooSmall {
+        /// The requested page size.
+        page_size: usize,
+        /// The minimum.
+        min: usize,
+    },
+
+    /// The page size is larger than the pool.
+    #[error("page size {page_size} is larger than the pool ({pool_size} bytes)")]
+    PageSizeTooLarge {
+        /// The requested page size.
+        page_size: usize,
+        /// The pool size in bytes.
+        pool_size: u64,
+    },
+
+    /// An explicit pool size that is not a whole number of pages.
+    #[error("pool size {size} is not a multiple of the page size {page_size}")]
+    SizeNotPageMultiple {
+        /// The requested size.
+        size: u64,
+        /// The page size.
+        page_size: usize,
+    },
+
+    /// More pages than a page index (`u32`) can number, or a size that
+    /// does not fit in this machine's address space.
+    #[error("a pool of {size} bytes in pages of {page_size} bytes is too large to map or index")]
+    TooManyPages {
+        /// The pool size in bytes.
+        size: u64,
+        /// The page size.
+        page_size: usize,
+    },
+
+    /// A regular file could not be mapped with `MAP_SYNC` (the fsdax
+    /// backend): the filesystem is not DAX (ext4 and tmpfs without `-o dax`
+    /// refuse it with EOPNOTSUPP). Set
+    /// [`PoolOptions::allow_file_fallback`](crate::PoolOptions::allow_file_fallback)
+    /// to use the `msync` file backend instead.
+    #[error("{}: MAP_SYNC mapping refused, so this file is not on a DAX filesystem; set PoolOptions::allow_file_fallback(true) to use the msync file backend", .path.display())]
+    FsDaxRefused {
+        /// The file.
+        path: PathBuf,
+        /// The `mmap` error (EOPNOTSUPP, or EINVAL on old kernels).
+        #[source]
+        source: io::Error,
+    },
+
+    /// Another I/O operation failed (`open`, `stat`, `mmap`, ...).
+    #[error("{}: {op} failed", .path.display())]
+    Io {
+        /// The path (or `anonymous`).
+        path: PathBuf,
+        /// The operation, e.g. `"mmap of 4194304 bytes at offset 0"`.
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// This backend is not available on this platform (the portable tier
+    /// has only the anonymous backend).
+    #[error("{}: {what} is not supported on this platform", .path.display())]
+    Unsupported {
+        /// The path.
+        path: PathBuf,
+        /// What is missing.
+        what: &'static str,
+    },
+
+    /// The pool is shutting down (or shut down): no new pages, no lookups.
+    #[error("pool {} is shutting down: no new pages or lookups", .path.display())]
+    ShuttingDown {
+        /// The pool's path (or `anonymous`).
+        path: PathBuf,
+    },
+
+    /// Every page is allocated.
+    #[error("pool {}: all {pages} pages are allocated", .path.display())]
+    Exhausted {
+        /// The pool's path (or `anonymous`).
+        path: PathBuf,
+        /// Pages in the pool.
+        pages: usize,
+    },
+
+    /// No live pool maps this address.
+    #[error("no page pool maps address {addr:#x}")]
+    NotMapped {
+        /// The address looked up.
+        addr: usize,
+    },
+
+    /// The address is in a pool, but its page is free.
+    #[error("page {index} (address {addr:#x}) is free, not allocated")]
+    PageNotAllocated {
+        /// The address looked up.
+        addr: usize,
+        /// Its page index.
+        index: usize,
+    },
+
+    /// The page is held exclusively through
+    /// [`DevicePage::as_mut_slice`](crate::DevicePage::as_mut_slice).
+    #[error("page {index} is held exclusively for writing")]
+    PageBusy {
+        /// The page index.
+        index: usize,
+    },
+
+    /// A persist range reaches outside the page or pool.
+    #[error("persist range {start}..{end} is outside 0..{len}")]
+    OutOfRange {
+        /// Range start (bytes).
+        start: usize,
+        /// Range end (bytes).
+        end: usize,
+        /// Length of the page or pool.
+        len: usize,
+    },
+
+    /// Writing back to the medium failed.
+    #[error("pool {}: persisting {len} bytes at offset {offset} failed", .path.display())]
+    Persist {
+        /// The pool's path.
+        path: PathBuf,
+        /// Offset in the pool.
+        offset: usize,
+        /// Length.
+        len: usize,
+        /// The underlying error (e.g. from `msync`).
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// [`ShutdownHandle::wait_timeout`](crate::ShutdownHandle::wait_timeout)
+/// expired with pages still held: who still holds what.
+///
+/// ```
+/// use percpu_ref::DevicePagePool;
+/// use std::time::Duration;
+///
+/// let pool = DevicePagePool::anonymous(8 << 12).unwrap();
+/// let page = pool.alloc().unwrap();
+/// let shutdown = pool.shutdown();
+/// let held = shutdown.wait_timeout(Duration::from_millis(1)).unwrap_err();
+/// assert_eq!((held.count, held.indices.as_slice()), (1, &[page.index()][..]));
+/// drop(page);
+/// assert!(shutdown.wait_timeout(Duration::from_millis(1)).is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("shutdown of pool {} timed out: {count} pages still held (indices {indices:?})", .path.display())]
+#[non_exhaustive]
+pub struct StillHeld {
+    /// The pool's path (or `anonymous`).
+    pub path: PathBuf,
+    /// Number of pages still referenced when the wait gave up.
+    pub count: usize,
+    /// Their page indices, ascending.
+    pub indices: Vec<usize>,
+}

@@ -1,0 +1,158 @@
+//! Pool options and the backend / persist-method enums.
+
+use std::fmt;
+
+/// The smallest page size a pool accepts (and the default).
+pub const MIN_PAGE_SIZE: usize = 4096;
+
+/// How a [`DevicePagePool`](crate::DevicePagePool) is opened.
+///
+/// Builder-style; every setting has a default that works for a whole
+/// device or file with 4 KiB pages.
+///
+/// ```
+/// use percpu_ref::PoolOptions;
+///
+/// let opts = PoolOptions::new()
+///     .page_size(2 << 20) // 2 MiB pages
+///     .size(1 << 30) // only the first GiB...
+///     .offset(0) // ...from the start
+///     .allow_file_fallback(true); // msync if the file is not on DAX
+/// assert_eq!(opts.get_page_size(), 2 << 20);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolOptions {
+    pub(crate) page_size: usize,
+    pub(crate) size: Option<u64>,
+    pub(crate) offset: u64,
+    pub(crate) allow_file_fallback: bool,
+    pub(crate) map_private: bool,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            page_size: MIN_PAGE_SIZE,
+            size: None,
+            offset: 0,
+            allow_file_fallback: false,
+            map_private: false,
+        }
+    }
+}
+
+impl PoolOptions {
+    /// The defaults: 4 KiB pages, the whole device or file from offset 0,
+    /// fsdax refusal is an error, shared mapping.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Page size in bytes: a power of two, at least 4096 (the default),
+    /// at most the pool size. 2 MiB matches device dax alignment.
+    pub fn page_size(mut self, bytes: usize) -> Self {
+        self.page_size = bytes;
+        self
+    }
+
+    /// Pool size in bytes: a whole number of pages, and for device dax a
+    /// multiple of the device alignment. Default: everything from
+    /// [`offset`](Self::offset) to the end, rounded down to whole pages.
+    pub fn size(mut self, bytes: u64) -> Self {
+        self.size = Some(bytes);
+        self
+    }
+
+    /// Offset into the device or file, in bytes: a multiple of the device
+    /// dax alignment, or of the OS page size for files. Default 0.
+    pub fn offset(mut self, bytes: u64) -> Self {
+        self.offset = bytes;
+        self
+    }
+
+    /// When a regular file cannot be mapped with `MAP_SYNC` (it is not on a
+    /// DAX filesystem), use the file backend (`MAP_SHARED`, persisted with
+    /// `msync`) instead of failing with
+    /// [`PoolError::FsDaxRefused`](crate::PoolError::FsDaxRefused).
+    /// Default `false`: silently losing the DAX guarantees is opt-in.
+    pub fn allow_file_fallback(mut self, allow: bool) -> Self {
+        self.allow_file_fallback = allow;
+        self
+    }
+
+    /// Map copy-on-write (`MAP_PRIVATE`): writes never reach the file and
+    /// `persist` does nothing. Only for files (and anonymous pools); device
+    /// dax refuses it with
+    /// [`PoolError::PrivateDevDax`](crate::PoolError::PrivateDevDax).
+    /// The file is then opened read-only.
+    pub fn map_private(mut self, private: bool) -> Self {
+        self.map_private = private;
+        self
+    }
+
+    /// The configured page size.
+    pub fn get_page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// The configured pool size, if set.
+    pub fn get_size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// The configured offset.
+    pub fn get_offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// Where a pool's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// A `/dev/daxX.Y` character device (persistent memory, no page
+    /// cache), mapped `MAP_SHARED`; persisted with cache-line write-back.
+    DevDax,
+    /// A file on a DAX filesystem, mapped `MAP_SHARED_VALIDATE | MAP_SYNC`;
+    /// persisted with cache-line write-back.
+    FsDax,
+    /// A regular file through the page cache, persisted with `msync`.
+    File,
+    /// A regular file mapped `MAP_PRIVATE` (see
+    /// [`PoolOptions::map_private`]): nothing is written back.
+    FilePrivate,
+    /// Anonymous shared memory (`memfd`; a heap block on other platforms):
+    /// nothing to persist, works on every machine.
+    Anonymous,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::DevDax => "devdax",
+            Backend::FsDax => "fsdax",
+            Backend::File => "file",
+            Backend::FilePrivate => "file (private)",
+            Backend::Anonymous => "anonymous",
+        })
+    }
+}
+
+/// How [`persist`](crate::DevicePage::persist) makes stores durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PersistMethod {
+    /// `clwb` per cache line, then `sfence` (keeps lines cached).
+    Clwb,
+    /// `clflushopt` per cache line, then `sfence`.
+    Clflushopt,
+    /// `clflush` per cache line, then `sfence` (oldest, slowest).
+    Clflush,
+    /// `msync(MS_SYNC)` of the covering OS pages.
+    Msync,
+    /// Nothing to do (anonymous or private memory is not durable).
+    Nothing,
+    /// A DAX mapping on a CPU (or platform) without a known flush
+    /// instruction: `persist` fails with an error instead of pretending.
+    Unavailable,
+}

@@ -1,0 +1,76 @@
+//! The pagecache demo's core, run small: its invariants, not its timings.
+#![cfg(feature = "dax")]
+
+#[path = "../examples/pagecache/engine.rs"]
+mod engine;
+
+use engine::{Config, Source};
+use std::time::Duration;
+
+fn small() -> Config {
+    Config {
+        source: Source::Anonymous,
+        pages: 256,
+        page_size: 4096,
+        keys: 64,
+        readers: 2,
+        phase: Duration::from_millis(if cfg!(miri) { 20 } else { 300 }),
+        hold: Duration::from_micros(300),
+        depth: 4,
+        arc_baseline: true,
+        verbose: false,
+    }
+}
+
+fn check(cfg: &Config) -> engine::Outcome {
+    let out = engine::run(cfg).expect("run");
+    assert_eq!(out.problems(), Vec::<String>::new());
+    assert_eq!(out.checksum_failures, 0);
+    // Nothing lost: every page is back on the free lists.
+    assert_eq!(out.free_after, out.total_pages);
+    assert_eq!(out.allocated_after, 0);
+    // Unmapped only after the engine let go of its last page.
+    assert_eq!(out.held_when_unmapped, 0);
+    assert!(out.report.is_some());
+    // The shutdown was hot: the engine held pages when it started...
+    assert!(out.held_at_shutdown >= cfg.keys, "table pages held");
+    // ...and new use was refused (the writer and each reader saw it, plus
+    // the demo's own probe allocation).
+    assert!(out.refused_after_shutdown > cfg.readers as u64);
+    assert!(out.unexpected_errors.is_empty());
+    assert!(out.pages_allocated >= cfg.keys as u64);
+    let order: Vec<&str> = out.timeline.iter().map(|(_, s)| s.as_str()).collect();
+    assert!(order.first().unwrap().starts_with("shutdown started"));
+    assert!(order.last().unwrap().starts_with("drained"));
+    out
+}
+
+#[test]
+fn hot_shutdown_on_anonymous_pool_keeps_every_invariant() {
+    let out = check(&small());
+    assert!(out.arc_ops_per_sec.is_some());
+}
+
+#[test]
+fn hot_shutdown_on_file_pool_keeps_every_invariant() {
+    let dir = std::env::temp_dir().join(format!("percpu-ref-pagecache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pool");
+    let cfg = Config {
+        source: Source::File(path.clone()),
+        arc_baseline: false,
+        ..small()
+    };
+    check(&cfg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_configuration_is_an_error_not_a_panic() {
+    let cfg = Config {
+        keys: 200,
+        ..small()
+    };
+    let e = engine::run(&cfg).unwrap_err();
+    assert!(e.contains("pages >= 2 * keys"), "{e}");
+}

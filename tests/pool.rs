@@ -1,0 +1,842 @@
+//! DevicePagePool on the anonymous and file backends (device dax runs in
+//! its own VM; the `devdax_*` tests here run only when
+//! `PERCPU_REF_DAX=/dev/daxX.Y` is set).
+
+#![cfg(feature = "dax")]
+
+use percpu_ref::{
+    Backend, DevicePage, DevicePagePool, PersistMethod, PoolError, PoolOptions, ShutdownHandle,
+};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+const PAGE: usize = 4096;
+
+/// A scratch file removed on drop (no tempfile dependency).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn dir() -> PathBuf {
+        std::env::temp_dir()
+    }
+
+    fn new_in(dir: &Path, tag: &str, len: u64) -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "percpu-ref-pool-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, SeqCst)
+        );
+        let path = dir.join(name);
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(len).unwrap();
+        Scratch(path)
+    }
+
+    fn new(tag: &str, len: u64) -> Scratch {
+        Self::new_in(&Self::dir(), tag, len)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn file_opts() -> PoolOptions {
+    PoolOptions::new().allow_file_fallback(true)
+}
+
+fn is_root() -> bool {
+    #[cfg(unix)]
+    {
+        std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false)
+    }
+    #[cfg(not(unix))]
+    {
+        false
+    }
+}
+
+// ------------------------------------------------------------ bad input
+
+#[test]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn missing_path_is_not_found() {
+    let e = DevicePagePool::open("/definitely/not/here/dax0.0", &PoolOptions::new()).unwrap_err();
+    assert!(matches!(e, PoolError::NotFound { .. }), "{e:?}");
+    assert!(e.to_string().contains("/definitely/not/here/dax0.0"), "{e}");
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn permission_denied() {
+    // Root bypasses file modes, but not sysfs: a read-only attribute cannot
+    // be opened for writing by anyone (EACCES), an honest permission error.
+    let sysfs = Path::new("/sys/devices/system/cpu/possible");
+    if sysfs.exists() {
+        let e = DevicePagePool::open(sysfs, &file_opts()).unwrap_err();
+        assert!(matches!(e, PoolError::PermissionDenied { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("/sys/devices/system/cpu/possible"),
+            "{e}"
+        );
+    } else {
+        eprintln!("skipped the sysfs case: {} does not exist", sysfs.display());
+    }
+    // A file without permissions: meaningful only for a non-root user.
+    if is_root() {
+        eprintln!("skipped the mode-000 case: running as root, which bypasses file modes");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let f = Scratch::new("mode000", 4 * PAGE as u64);
+    std::fs::set_permissions(&f.0, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let e = DevicePagePool::open(&f.0, &file_opts()).unwrap_err();
+    assert!(matches!(e, PoolError::PermissionDenied { .. }), "{e:?}");
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn char_device_that_is_not_dax() {
+    let e = DevicePagePool::open("/dev/null", &PoolOptions::new()).unwrap_err();
+    match &e {
+        PoolError::NotDax {
+            major,
+            minor,
+            subsystem,
+            ..
+        } => {
+            assert_eq!((*major, *minor), (1, 3));
+            assert_eq!(subsystem, "mem");
+        }
+        other => panic!("expected NotDax, got {other:?}"),
+    }
+    assert_eq!(
+        e.to_string(),
+        "/dev/null: character device 1:3 is not device dax (its sysfs subsystem is \"mem\")"
+    );
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn directory_and_block_device_are_refused() {
+    let dir = Scratch::dir();
+    let e = DevicePagePool::open(&dir, &PoolOptions::new()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::UnsupportedFileType {
+                file_type: "directory",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    use std::os::unix::fs::FileTypeExt;
+    let block = std::fs::read_dir("/dev").ok().and_then(|d| {
+        d.filter_map(Result::ok)
+            .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+            .map(|e| e.path())
+    });
+    match block {
+        Some(dev) => {
+            let e = DevicePagePool::open(&dev, &PoolOptions::new()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    PoolError::UnsupportedFileType {
+                        file_type: "block device",
+                        ..
+                    }
+                ),
+                "{}: {e:?}",
+                dev.display()
+            );
+            assert!(e.to_string().contains(&*dev.to_string_lossy()), "{e}");
+        }
+        None => eprintln!("skipped the block device case: no block device in /dev"),
+    }
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn zero_sizes() {
+    let empty = Scratch::new("empty", 0);
+    let e = DevicePagePool::open(&empty.0, &file_opts()).unwrap_err();
+    assert!(matches!(e, PoolError::ZeroSize { .. }), "{e:?}");
+
+    let f = Scratch::new("zero", 4 * PAGE as u64);
+    let e = DevicePagePool::open(&f.0, &file_opts().size(0)).unwrap_err();
+    assert!(matches!(e, PoolError::ZeroSize { .. }), "{e:?}");
+    // An offset at the very end leaves nothing.
+    let e = DevicePagePool::open(&f.0, &file_opts().offset(4 * PAGE as u64)).unwrap_err();
+    assert!(matches!(e, PoolError::ZeroSize { .. }), "{e:?}");
+}
+
+#[test]
+fn anonymous_zero_size() {
+    let e = DevicePagePool::anonymous(0).unwrap_err();
+    assert!(matches!(e, PoolError::ZeroSize { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "anonymous: the pool size is zero");
+}
+
+#[test]
+fn bad_page_sizes() {
+    let e =
+        DevicePagePool::anonymous_with(64 * PAGE, &PoolOptions::new().page_size(6000)).unwrap_err();
+    assert!(
+        matches!(e, PoolError::PageSizeNotPowerOfTwo { page_size: 6000 }),
+        "{e:?}"
+    );
+    assert_eq!(e.to_string(), "page size 6000 is not a power of two");
+
+    let e =
+        DevicePagePool::anonymous_with(PAGE, &PoolOptions::new().page_size(2 * PAGE)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::PageSizeTooLarge {
+                page_size: 8192,
+                pool_size: 4096
+            }
+        ),
+        "{e:?}"
+    );
+
+    let e =
+        DevicePagePool::anonymous_with(64 * PAGE, &PoolOptions::new().page_size(1024)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::PageSizeTooSmall {
+                page_size: 1024,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    let e = DevicePagePool::anonymous(PAGE + 1).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::SizeNotPageMultiple {
+                size: 4097,
+                page_size: 4096
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn bad_page_sizes_on_files() {
+    let f = Scratch::new("pagesize", 2 * PAGE as u64);
+    let e = DevicePagePool::open(&f.0, &file_opts().page_size(3000)).unwrap_err();
+    assert!(
+        matches!(e, PoolError::PageSizeNotPowerOfTwo { page_size: 3000 }),
+        "{e:?}"
+    );
+    // 8 KiB file, 16 KiB pages: not even one page.
+    let e = DevicePagePool::open(&f.0, &file_opts().page_size(4 * PAGE)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::PageSizeTooLarge {
+                page_size: 16384,
+                pool_size: 8192
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn pool_larger_than_the_file() {
+    let f = Scratch::new("small", 16 * PAGE as u64);
+    let e = DevicePagePool::open(&f.0, &file_opts().size(32 * PAGE as u64)).unwrap_err();
+    match &e {
+        PoolError::TooLarge {
+            size,
+            offset,
+            available,
+            ..
+        } => assert_eq!((*size, *offset, *available), (131072, 0, 65536)),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.contains("131072") && msg.contains("65536"), "{msg}");
+    assert!(msg.contains(&*f.0.to_string_lossy()), "{msg}");
+    // Fits by size, not at this offset.
+    let e = DevicePagePool::open(
+        &f.0,
+        &file_opts().size(16 * PAGE as u64).offset(PAGE as u64),
+    )
+    .unwrap_err();
+    assert!(matches!(e, PoolError::TooLarge { .. }), "{e:?}");
+    // An offset that is not a multiple of the OS page size.
+    let e = DevicePagePool::open(&f.0, &file_opts().offset(100)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::Unaligned {
+                what: "offset",
+                value: 100,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+/// Every regular-file filesystem available here that is not DAX refuses
+/// MAP_SYNC: the error says so, and the opt-in file fallback works.
+#[test]
+#[cfg(target_os = "linux")]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn fsdax_refused_and_file_fallback() {
+    let mut dirs = vec![Scratch::dir()];
+    if Path::new("/dev/shm").is_dir() {
+        dirs.push(PathBuf::from("/dev/shm")); // tmpfs
+    }
+    for dir in dirs {
+        let f = Scratch::new_in(&dir, "fsdax", 8 * PAGE as u64);
+        match DevicePagePool::open(&f.0, &PoolOptions::new()) {
+            Err(PoolError::FsDaxRefused { path, source }) => {
+                assert_eq!(path, f.0);
+                let e = PoolError::FsDaxRefused { path, source };
+                assert!(e.to_string().contains("allow_file_fallback"), "{e}");
+            }
+            Ok(pool) => {
+                // A real DAX filesystem: nothing to refuse.
+                assert_eq!(pool.backend(), Backend::FsDax);
+                eprintln!("{} is on a DAX filesystem", dir.display());
+                continue;
+            }
+            Err(e) => panic!("{}: expected FsDaxRefused, got {e:?}", dir.display()),
+        }
+        let pool = DevicePagePool::open(&f.0, &file_opts()).unwrap();
+        assert_eq!(pool.backend(), Backend::File);
+        assert_eq!(pool.persist_method(), PersistMethod::Msync);
+        assert_eq!(pool.page_count(), 8);
+        pool.alloc().unwrap().persist().unwrap();
+    }
+}
+
+// ------------------------------------------------------------ basics
+
+#[test]
+fn alloc_write_read_free() {
+    let pool = DevicePagePool::anonymous(8 * PAGE).unwrap();
+    assert_eq!(pool.backend(), Backend::Anonymous);
+    assert_eq!(pool.persist_method(), PersistMethod::Nothing);
+    let mut a = pool.alloc().unwrap();
+    assert!(a.as_slice().iter().all(|&b| b == 0));
+    a.as_mut_slice().unwrap().fill(0xab);
+    let b = a.clone();
+    assert_eq!(b.ref_count(), 2);
+    assert!(a.as_mut_slice().is_none(), "shared pages are not writable");
+    assert!(b.as_slice().iter().all(|&x| x == 0xab));
+    assert_eq!(
+        a.as_ptr() as usize - pool.as_ptr() as usize,
+        a.index() * PAGE
+    );
+    let st = pool.stats();
+    assert_eq!((st.pages, st.allocated, st.free), (8, 1, 7));
+    drop((a, b));
+    let st = pool.stats();
+    assert_eq!((st.allocated, st.free), (0, 8));
+}
+
+#[test]
+fn exhaustion_and_reuse() {
+    let pool = DevicePagePool::anonymous(2 * PAGE).unwrap();
+    let a = pool.alloc().unwrap();
+    let b = pool.alloc().unwrap();
+    assert_ne!(a.index(), b.index());
+    let e = pool.alloc().unwrap_err();
+    assert!(matches!(e, PoolError::Exhausted { pages: 2, .. }), "{e:?}");
+    let freed = a.index();
+    drop(a);
+    assert_eq!(pool.alloc().unwrap().index(), freed);
+}
+
+#[test]
+fn two_mib_pages() {
+    let pool =
+        DevicePagePool::anonymous_with(4 << 20, &PoolOptions::new().page_size(2 << 20)).unwrap();
+    assert_eq!((pool.page_count(), pool.page_size()), (2, 2 << 20));
+    let mut p = pool.alloc().unwrap();
+    assert_eq!(p.size(), 2 << 20);
+    let s = p.as_mut_slice().unwrap();
+    s[(2 << 20) - 1] = 1;
+    assert_eq!(p.as_slice()[(2 << 20) - 1], 1);
+}
+
+#[test]
+fn lookup_finds_allocated_pages_only() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let other = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let a = pool.alloc().unwrap();
+    let x = other.alloc().unwrap();
+    let found = DevicePagePool::lookup(a.as_ptr().wrapping_add(PAGE - 1)).unwrap();
+    assert_eq!((found.index(), found.as_ptr()), (a.index(), a.as_ptr()));
+    assert_eq!(a.ref_count(), 2);
+    let found_x = DevicePagePool::lookup(x.as_ptr()).unwrap();
+    assert_eq!(found_x.as_ptr(), x.as_ptr());
+
+    // A free page of a live pool.
+    let free_addr = (0..4)
+        .map(|i| pool.as_ptr().wrapping_add(i * PAGE))
+        .find(|&p| p != a.as_ptr())
+        .unwrap();
+    let e = DevicePagePool::lookup(free_addr).unwrap_err();
+    assert!(matches!(e, PoolError::PageNotAllocated { .. }), "{e:?}");
+    // An address no pool maps.
+    let local = 0u8;
+    let e = DevicePagePool::lookup(&local).unwrap_err();
+    assert!(matches!(e, PoolError::NotMapped { .. }), "{e:?}");
+}
+
+#[test]
+fn exclusive_writer_blocks_lookup() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let mut p = pool.alloc().unwrap();
+    p.as_mut_slice().unwrap()[0] = 1;
+    let e = DevicePagePool::lookup(p.as_ptr()).unwrap_err();
+    assert!(matches!(e, PoolError::PageBusy { .. }), "{e:?}");
+    assert_eq!(
+        p.ref_count(),
+        1,
+        "the failed lookup gave its reference back"
+    );
+    // Reading through the handle ends the exclusivity.
+    assert_eq!(p.as_slice()[0], 1);
+    let found = DevicePagePool::lookup(p.as_ptr()).unwrap();
+    assert_eq!(found.as_slice()[0], 1);
+    assert!(p.as_mut_slice().is_none());
+    drop(found);
+    assert!(p.as_mut_slice().is_some());
+}
+
+#[test]
+fn raw_pointer_writes_from_two_threads() {
+    let pool = DevicePagePool::anonymous(PAGE).unwrap();
+    let page = pool.alloc().unwrap();
+    std::thread::scope(|s| {
+        for half in 0..2 {
+            let page = page.clone();
+            s.spawn(move || {
+                let p = page.as_mut_ptr();
+                for i in 0..PAGE / 2 {
+                    // SAFETY: the two threads write disjoint halves; nothing
+                    // reads the page until both are joined; `page` is alive.
+                    unsafe { p.add(half * PAGE / 2 + i).write(half as u8 + 1) };
+                }
+            });
+        }
+    });
+    let s = page.as_slice();
+    assert!(s[..PAGE / 2].iter().all(|&b| b == 1));
+    assert!(s[PAGE / 2..].iter().all(|&b| b == 2));
+}
+
+#[test]
+fn persist_ranges_are_checked() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let p = pool.alloc().unwrap();
+    p.persist().unwrap();
+    p.persist_range(10..20).unwrap();
+    let e = p.persist_range(0..PAGE + 1).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::OutOfRange {
+                start: 0,
+                end: 4097,
+                len: 4096
+            }
+        ),
+        "{e:?}"
+    );
+    #[allow(clippy::reversed_empty_ranges)]
+    let e = p.persist_range(20..10).unwrap_err();
+    assert!(matches!(e, PoolError::OutOfRange { .. }), "{e:?}");
+    pool.persist().unwrap();
+    assert!(pool.persist_range(0..5 * PAGE).is_err());
+}
+
+// ------------------------------------------------------------ shutdown
+
+#[test]
+fn shutdown_completes_exactly_when_the_last_page_drops() {
+    let pool = DevicePagePool::anonymous(8 * PAGE).unwrap();
+    let mut a = pool.alloc().unwrap();
+    a.as_mut_slice().unwrap().fill(7);
+    let a2 = a.clone();
+    let b = pool.alloc().unwrap();
+    let (ia, ib) = (a.index(), b.index());
+
+    let sd = pool.shutdown();
+    // New pages and lookups are refused at once...
+    assert!(matches!(pool.alloc(), Err(PoolError::ShuttingDown { .. })));
+    assert!(matches!(
+        DevicePagePool::lookup(a.as_ptr()),
+        Err(PoolError::ShuttingDown { .. })
+    ));
+    assert!(pool.is_shutting_down());
+    // ...held pages stay readable...
+    assert!(a2.as_slice().iter().all(|&x| x == 7));
+    // ...and the wait reports who holds what.
+    let held = sd.wait_timeout(Duration::from_millis(1)).unwrap_err();
+    let mut want = vec![ia, ib];
+    want.sort_unstable();
+    assert_eq!((held.count, held.indices.clone()), (2, want));
+    assert!(held.to_string().contains("2 pages still held"), "{held}");
+
+    drop(a);
+    assert!(!sd.is_complete());
+    drop(b);
+    assert!(!sd.is_complete());
+    assert_eq!(sd.held(), vec![ia]);
+    assert!(a2.as_slice().iter().all(|&x| x == 7));
+    drop(a2); // the last one: release runs inside this drop
+    assert!(sd.is_complete());
+    let report = sd.wait_timeout(Duration::ZERO).unwrap();
+    assert_eq!((report.pages, report.bytes), (8, 8 * PAGE));
+    assert!(report.persist_error.is_none());
+    // After completion the pool is gone from the registry.
+    let e = DevicePagePool::lookup(pool.as_ptr()).unwrap_err();
+    assert!(matches!(e, PoolError::NotMapped { .. }), "{e:?}");
+    let st = pool.stats();
+    assert_eq!((st.allocated, st.free), (0, 8));
+    // A second shutdown is the same one.
+    assert!(pool.shutdown().is_complete());
+}
+
+#[test]
+fn shutdown_without_pages_completes_at_once() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let sd = pool.shutdown();
+    assert!(sd.is_complete());
+    assert_eq!(sd.wait().pages, 4);
+}
+
+#[test]
+fn dropping_the_pool_first_keeps_pages_mapped() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let mut p = pool.alloc().unwrap();
+    p.as_mut_slice().unwrap().fill(0x5a);
+    let sd = pool.shutdown();
+    let addr = p.as_ptr();
+    drop(pool);
+    assert!(matches!(
+        DevicePagePool::lookup(addr),
+        Err(PoolError::ShuttingDown { .. })
+    ));
+    let q = p.clone();
+    drop(p);
+    assert!(q.as_slice().iter().all(|&x| x == 0x5a), "still mapped");
+    assert!(!sd.is_complete());
+    drop(q);
+    assert!(sd.is_complete());
+    assert!(matches!(
+        DevicePagePool::lookup(addr),
+        Err(PoolError::NotMapped { .. })
+    ));
+}
+
+#[test]
+fn dropping_the_pool_without_a_shutdown_handle() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let p = pool.alloc().unwrap();
+    let addr = p.as_ptr();
+    drop(pool); // implicit shutdown, nobody waits
+    assert!(p.as_slice().iter().all(|&x| x == 0));
+    drop(p); // unmaps and frees everything
+    assert!(matches!(
+        DevicePagePool::lookup(addr),
+        Err(PoolError::NotMapped { .. })
+    ));
+}
+
+/// A minimal executor: poll on this thread, park until woken.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => return v,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+#[test]
+fn async_wait() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let p = pool.alloc().unwrap();
+    let sd = pool.shutdown();
+    let fut = sd.wait_async();
+    let t = std::thread::spawn(move || drop(p));
+    let report = block_on(fut);
+    t.join().unwrap();
+    assert_eq!(report.pages, 4);
+    assert!(sd.is_complete());
+}
+
+/// Two threads allocate, clone, look up and drop pages; the main thread
+/// shuts the pool down in the middle. Afterwards: no page lost, the
+/// shutdown completed only once every page was dropped, held pages were
+/// readable (with the right contents) after the shutdown started, and
+/// alloc/lookup failed with ShuttingDown.
+#[test]
+fn concurrent_alloc_clone_drop_with_shutdown_in_the_middle() {
+    const PAGES: usize = 64;
+    let rounds = if cfg!(miri) { 3 } else { 40 };
+    let iters = if cfg!(miri) { 30 } else { 2_000 };
+    for round in 0..rounds {
+        let pool = DevicePagePool::anonymous(PAGES * PAGE).unwrap();
+        let pool = &pool;
+        let started = Barrier::new(3);
+        let stop = AtomicBool::new(false);
+        let held = AtomicUsize::new(0); // page references the test holds
+        let ops = AtomicUsize::new(0); // loop iterations of both threads
+        let sd: std::sync::OnceLock<ShutdownHandle> = std::sync::OnceLock::new();
+        std::thread::scope(|s| {
+            for t in 0..2u8 {
+                let (started, stop, held, ops, sd) = (&started, &stop, &held, &ops, &sd);
+                s.spawn(move || {
+                    let mut mine: Vec<DevicePage> = Vec::new();
+                    let tag = |p: &DevicePage| (p.index() as u8) ^ (t * 0x80);
+                    let mut n = 0usize;
+                    started.wait();
+                    loop {
+                        n += 1;
+                        ops.fetch_add(1, SeqCst);
+                        match pool.alloc() {
+                            Ok(mut p) => {
+                                held.fetch_add(1, SeqCst);
+                                let v = tag(&p);
+                                p.as_mut_slice().unwrap().fill(v);
+                                if n % 3 == 0 {
+                                    held.fetch_add(1, SeqCst);
+                                    mine.push(p.clone());
+                                }
+                                if n % 5 == 0 {
+                                    if let Ok(found) = DevicePagePool::lookup(p.as_ptr()) {
+                                        held.fetch_add(1, SeqCst);
+                                        assert_eq!(found.index(), p.index());
+                                        mine.push(found);
+                                    }
+                                }
+                                mine.push(p);
+                            }
+                            Err(PoolError::Exhausted { .. }) => {}
+                            Err(PoolError::ShuttingDown { .. }) => {
+                                assert!(stop.load(SeqCst) || pool.is_shutting_down());
+                                break;
+                            }
+                            Err(e) => panic!("alloc: {e}"),
+                        }
+                        // Drop a few, oldest first, keeping some held.
+                        while mine.len() > 6 || (n % 7 == 0 && !mine.is_empty()) {
+                            held.fetch_sub(1, SeqCst);
+                            drop(mine.remove(0));
+                        }
+                    }
+                    // Shutdown has started: every page held must be intact
+                    // and readable (nothing was unmapped under us), and
+                    // lookups are refused.
+                    let sd = sd.wait();
+                    for p in &mine {
+                        let v = tag(p);
+                        assert!(
+                            p.as_slice().iter().all(|&b| b == v),
+                            "page {} corrupt",
+                            p.index()
+                        );
+                        assert!(matches!(
+                            DevicePagePool::lookup(p.as_ptr()),
+                            Err(PoolError::ShuttingDown { .. })
+                        ));
+                    }
+                    while let Some(p) = mine.pop() {
+                        held.fetch_sub(1, SeqCst);
+                        drop(p);
+                        // Completion implies every reference is gone: the
+                        // counter is decremented before each drop.
+                        if sd.is_complete() {
+                            assert_eq!(held.load(SeqCst), 0, "completed while pages were held");
+                        }
+                    }
+                });
+            }
+            started.wait();
+            // Let the threads run a while (a different number of
+            // operations each round), then shut down in the middle.
+            let warmup = (round % 8 + 1) * iters / 8;
+            while ops.load(SeqCst) < warmup || held.load(SeqCst) < 4 {
+                std::thread::yield_now();
+            }
+            let handle = pool.shutdown();
+            stop.store(true, SeqCst);
+            assert!(matches!(pool.alloc(), Err(PoolError::ShuttingDown { .. })));
+            let _ = sd.set(handle);
+        });
+        let sd = sd.get().unwrap();
+        assert!(sd.is_complete(), "round {round}: every page was dropped");
+        assert_eq!(held.load(SeqCst), 0);
+        let st = pool.stats();
+        assert_eq!(st.allocated, 0, "round {round}: {st:?}");
+        assert_eq!(st.free, PAGES, "round {round}: a page was lost: {st:?}");
+        assert_eq!(st.free + st.allocated, st.pages);
+        assert_eq!(sd.wait().pages, PAGES);
+    }
+}
+
+// ------------------------------------------------------------ persistence
+
+#[test]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn data_persisted_to_a_file_survives_reopen() {
+    let f = Scratch::new("persist", 16 * PAGE as u64);
+    let written: Vec<(usize, u8)>;
+    {
+        let pool = DevicePagePool::open(&f.0, &file_opts()).unwrap();
+        assert_eq!(pool.page_count(), 16);
+        let mut pages: Vec<DevicePage> = (0..3).map(|_| pool.alloc().unwrap()).collect();
+        written = pages
+            .iter_mut()
+            .map(|p| {
+                let v = 0x40 + p.index() as u8;
+                p.as_mut_slice().unwrap().fill(v);
+                p.persist().unwrap();
+                (p.index(), v)
+            })
+            .collect();
+        let sd = pool.shutdown();
+        drop(pages);
+        let report = sd.wait();
+        assert_eq!(report.backend, Backend::File);
+        assert!(report.persist_error.is_none());
+    }
+    // The bytes are in the file...
+    let bytes = std::fs::read(&f.0).unwrap();
+    for &(i, v) in &written {
+        assert!(
+            bytes[i * PAGE..(i + 1) * PAGE].iter().all(|&b| b == v),
+            "page {i} in the file"
+        );
+    }
+    // ...and in a reopened pool.
+    let pool = DevicePagePool::open(&f.0, &file_opts()).unwrap();
+    let all: Vec<DevicePage> = (0..16).map(|_| pool.alloc().unwrap()).collect();
+    for &(i, v) in &written {
+        let p = all.iter().find(|p| p.index() == i).unwrap();
+        assert!(
+            p.as_slice().iter().all(|&b| b == v),
+            "page {i} after reopen"
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "needs the filesystem")]
+fn private_file_mapping_writes_nothing_back() {
+    let f = Scratch::new("private", 4 * PAGE as u64);
+    let pool = DevicePagePool::open(&f.0, &PoolOptions::new().map_private(true)).unwrap();
+    assert_eq!(pool.backend(), Backend::FilePrivate);
+    let mut p = pool.alloc().unwrap();
+    p.as_mut_slice().unwrap().fill(9);
+    p.persist().unwrap();
+    drop(p);
+    pool.shutdown().wait();
+    assert!(std::fs::read(&f.0).unwrap().iter().all(|&b| b == 0));
+}
+
+// ------------------------------------------------------------ device dax
+
+/// `PERCPU_REF_DAX=/dev/daxX.Y`, or skip.
+fn dax_device() -> Option<PathBuf> {
+    match std::env::var_os("PERCPU_REF_DAX") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("skipped: set PERCPU_REF_DAX=/dev/daxX.Y to run the device dax tests");
+            None
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "needs a device")]
+fn devdax_bad_input() {
+    let Some(dev) = dax_device() else { return };
+    let e = DevicePagePool::open(&dev, &PoolOptions::new().map_private(true)).unwrap_err();
+    assert!(matches!(e, PoolError::PrivateDevDax { .. }), "{e:?}");
+    let e = DevicePagePool::open(&dev, &PoolOptions::new().size(3 << 20)).unwrap_err();
+    assert!(
+        matches!(e, PoolError::Unaligned { what: "size", .. }),
+        "{e:?}"
+    );
+    let e = DevicePagePool::open(&dev, &PoolOptions::new().size(2 << 20).offset(4096)).unwrap_err();
+    assert!(
+        matches!(e, PoolError::Unaligned { what: "offset", .. }),
+        "{e:?}"
+    );
+    let e = DevicePagePool::open(&dev, &PoolOptions::new().size(1 << 50)).unwrap_err();
+    assert!(matches!(e, PoolError::TooLarge { .. }), "{e:?}");
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "needs a device")]
+fn devdax_write_persist_reopen() {
+    let Some(dev) = dax_device() else { return };
+    let opts = PoolOptions::new().size(4 << 20);
+    let (index, v) = {
+        let pool = DevicePagePool::open(&dev, &opts).unwrap();
+        assert_eq!(pool.backend(), Backend::DevDax);
+        assert!(matches!(
+            pool.persist_method(),
+            PersistMethod::Clwb | PersistMethod::Clflushopt | PersistMethod::Clflush
+        ));
+        let mut p = pool.alloc().unwrap();
+        let v = (std::process::id() as u8) | 1;
+        p.as_mut_slice().unwrap().fill(v);
+        p.persist().unwrap();
+        let i = p.index();
+        let sd = pool.shutdown();
+        drop(p);
+        assert!(sd.wait().persist_error.is_none());
+        (i, v)
+    };
+    let pool = DevicePagePool::open(&dev, &opts).unwrap();
+    let all: Vec<DevicePage> = (0..pool.page_count())
+        .map(|_| pool.alloc().unwrap())
+        .collect();
+    let p = all.iter().find(|p| p.index() == index).unwrap();
+    assert!(p.as_slice().iter().all(|&b| b == v));
+}
