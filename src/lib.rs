@@ -64,7 +64,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-#[cfg(feature = "dax")]
+#[cfg(all(feature = "dax", not(percpu_ref_loom)))]
 mod dax;
 pub mod docs;
 pub mod page;
@@ -73,7 +73,7 @@ mod sync;
 mod sys;
 
 // Layer re-exports. `page` and `dax` decide their public items themselves.
-#[cfg(feature = "dax")]
+#[cfg(all(feature = "dax", not(percpu_ref_loom)))]
 pub use dax::*;
 pub use page::*;
 

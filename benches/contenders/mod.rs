@@ -33,10 +33,17 @@ pub(crate) struct Contender {
 /// Every entry becomes a `get+put` contender named after it (and, in the
 /// criterion suite, a `<name>_tryget_live` one). A tier that needs a builder
 /// option (e.g. forcing the portable tier) is one more line here.
-pub(crate) const PERCPU_TIERS: &[Tier] = &[Tier {
-    name: "percpu_ref",
-    new: || PercpuRef::new(0, NoRelease),
-}];
+pub(crate) const PERCPU_TIERS: &[Tier] = &[
+    // The default: the rseq tier where available (else portable).
+    Tier {
+        name: "percpu_ref",
+        new: || PercpuRef::new(0, NoRelease),
+    },
+    Tier {
+        name: "percpu_ref_portable",
+        new: || PercpuRef::builder(0).portable().build(),
+    },
+];
 
 /// One way to build the `PercpuRef` under test.
 pub(crate) struct Tier {

@@ -287,7 +287,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     // ---------------------------------------------------------------- fast path
 
     /// Add `d > 0` references; the caller holds one, so the count is > 0.
-    #[inline]
+    #[inline(always)]
     fn add(&self, d: i64) {
         // Relaxed: the mode only says where to *try* counting. A slot's
         // fetch_add result (portable) or the gate read inside the
@@ -323,7 +323,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     }
 
     /// Drop `d > 0` references.
-    #[inline]
+    #[inline(always)]
     fn sub(&self, d: i64) {
         // Relaxed: see `add`.
         let s = self.state.load(Relaxed);
@@ -765,7 +765,7 @@ impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
 }
 
 impl<T, P: ReleasePolicy<T>> Clone for Ref<'_, T, P> {
-    #[inline]
+    #[inline(always)]
     fn clone(&self) -> Self {
         self.r.add(1);
         Ref::new(self.r)
@@ -773,7 +773,7 @@ impl<T, P: ReleasePolicy<T>> Clone for Ref<'_, T, P> {
 }
 
 impl<T, P: ReleasePolicy<T>> Drop for Ref<'_, T, P> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.r.sub(1);
     }
