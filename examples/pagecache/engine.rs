@@ -75,8 +75,8 @@ impl Default for Config {
             keys: 1024,
             readers: 2,
             phase: Duration::from_secs(3),
-            hold: Duration::from_micros(1000),
-            depth: 16,
+            hold: Duration::from_micros(5000),
+            depth: 32,
             arc_baseline: true,
             verbose: true,
         }
@@ -600,11 +600,13 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
                 .push("alloc succeeded after shutdown".into()),
             Err(e) => c.errors.lock().unwrap().push(format!("alloc: {e}")),
         }
-        // The writer stops at its next refused allocation; once it has
-        // published its last page, the cache lets go of its table.
+        // The cache lets go of its table; the writer stops at its next
+        // refused allocation, and a page it published meanwhile is evicted
+        // once it has stopped.
+        cache.evict_all();
+        out.mark(t0, "page table evicted", cfg.verbose);
         let writer_ops = w.join().unwrap();
         cache.evict_all();
-        out.mark(t0, "writer stopped, page table evicted", cfg.verbose);
 
         let mut last_held = usize::MAX;
         let report = loop {

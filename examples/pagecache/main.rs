@@ -26,8 +26,8 @@ OPTIONS:
   --keys N           distinct cached keys (<= pages/2) [default: pages/4]
   --readers N        reader threads                    [default: 2]
   --secs S           length of each measured phase     [default: 3]
-  --hold-us US       how long a read holds its page    [default: 1000]
-  --depth N          in-flight reads per reader        [default: 16]
+  --hold-us US       how long a read holds its page    [default: 5000]
+  --depth N          in-flight reads per reader        [default: 32]
   --no-arc           skip the Arc baseline phase
   --quiet            print only the summary
   -h, --help         this text
