@@ -2,7 +2,7 @@
 //! its own VM; the `devdax_*` tests here run only when
 //! `PERCPU_REF_DAX=/dev/daxX.Y` is set).
 
-#![cfg(feature = "dax")]
+#![cfg(all(feature = "dax", not(percpu_ref_loom)))]
 
 use percpu_ref::{
     Backend, DevicePage, DevicePagePool, PersistMethod, PoolError, PoolOptions, ShutdownHandle,
@@ -527,6 +527,32 @@ fn shutdown_completes_exactly_when_the_last_page_drops() {
     assert_eq!((st.allocated, st.free), (0, 8));
     // A second shutdown is the same one.
     assert!(pool.shutdown().is_complete());
+}
+
+#[test]
+fn racing_shutdowns_all_refuse_allocation_on_return() {
+    let rounds = if cfg!(miri) { 2 } else { 50 };
+    for _ in 0..rounds {
+        let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+        let held = pool.alloc().unwrap();
+        let handles: Vec<ShutdownHandle> = std::thread::scope(|s| {
+            let ts: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let h = pool.shutdown();
+                        // Whichever call did the kill, this one returned
+                        // after it: allocation is refused now.
+                        assert!(matches!(pool.alloc(), Err(PoolError::ShuttingDown { .. })));
+                        h
+                    })
+                })
+                .collect();
+            ts.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert!(handles.iter().all(|h| !h.is_complete()));
+        drop(held);
+        assert!(handles.iter().all(ShutdownHandle::is_complete));
+    }
 }
 
 #[test]

@@ -23,10 +23,9 @@
 //!
 //! Syscalls, sysfs and the flush instructions are in `sys::mem`.
 //!
-//! Not built under loom (`--cfg percpu_ref_loom`): a pool of mapped memory
-//! is not something the model checker can run; the layers it is made of
-//! have their own loom models.
-#![cfg(not(percpu_ref_loom))]
+//! Not built under loom (`--cfg percpu_ref_loom`, see `lib.rs`): a pool of
+//! mapped memory is not something the model checker can run; the layers it
+//! is made of have their own loom models.
 
 mod backend;
 mod error;

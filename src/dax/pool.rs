@@ -41,7 +41,7 @@ use super::region::Region;
 use super::registry;
 use crate::page::{FirstRefError, PageRef, PageRefHook};
 use crate::percpu::policy::{Completion, CompletionFuture, ReleasePolicy};
-use crate::percpu::{PercpuRef, Ref};
+use crate::percpu::{KillError, PercpuRef, Ref};
 use crate::sync::{lock, AtomicPtr, AtomicU32, Mutex, Ordering::*};
 use crate::sys::cpu;
 use crossbeam_utils::CachePadded;
@@ -66,8 +66,6 @@ pub(crate) struct Shared {
     free: FreeLists,
     page_size: usize,
     page_shift: u32,
-    /// Serializes `kill`; `true` once it ran.
-    killed: Mutex<bool>,
 }
 
 /// A per-CPU holder of one `Arc<Shared>`, so that allocations keep the pool
@@ -94,12 +92,15 @@ impl Shared {
     /// Kill the pgmap once: later `tryget_live` (alloc, lookup) fails
     /// everywhere once this returns, the initial reference is dropped, and
     /// the release runs when the last page is freed (or right here).
+    ///
+    /// A second call gets `AlreadyDead`, which `kill_and_confirm` returns
+    /// only after the first kill's switch to atomic mode, so it too returns
+    /// only once `tryget_live` fails everywhere. No lock of ours is held
+    /// while the release (which may run here) wakes the waiters.
     fn start_shutdown(&self) {
-        let mut killed = lock(&self.killed);
-        if !*killed {
-            *killed = true;
-            let r = self.pgmap.kill_and_confirm(|| {});
-            debug_assert!(r.is_ok(), "pool pgmap kill: {r:?}");
+        match self.pgmap.kill_and_confirm(|| {}) {
+            Ok(()) | Err(KillError::AlreadyDead) => {}
+            Err(e) => debug_assert!(false, "pool pgmap kill: {e}"),
         }
     }
 
@@ -421,7 +422,6 @@ impl DevicePagePool {
                 free: FreeLists::new(plan.pages),
                 page_size,
                 page_shift: page_size.trailing_zeros(),
-                killed: Mutex::new(false),
             }
         });
         for slot in shared.pgmap.policy().shards.iter() {
