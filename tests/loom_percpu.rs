@@ -99,20 +99,25 @@ fn tryget_live_fails_after_confirm() {
     });
 }
 
-#[test]
-fn switch_to_atomic_with_concurrent_get_put_keeps_count_exact() {
-    loom::model(|| {
-        let (r, released) = counted_ref(false);
+/// A get and a put (on different slots: the model migrates) race a switch
+/// from `start_atomic`'s mode to the other; the count must stay exact.
+fn switch_with_concurrent_get_put(start_atomic: bool) {
+    loom::model(move || {
+        let (r, released) = counted_ref(start_atomic);
         let g = r.tryget_owned().unwrap();
         let r2 = r.clone();
         let t = thread::spawn(move || {
-            // get on one slot, put on another (the model migrates).
             let kept = r2.tryget_owned().unwrap();
             drop(g);
             kept
         });
-        r.switch_to_atomic();
-        assert_eq!(r.mode(), Mode::Atomic);
+        if start_atomic {
+            r.switch_to_percpu();
+            assert_eq!(r.mode(), Mode::Percpu);
+        } else {
+            r.switch_to_atomic();
+            assert_eq!(r.mode(), Mode::Atomic);
+        }
         let kept = t.join().unwrap();
         r.kill().unwrap();
         assert_eq!(released.load(SeqCst), 0, "`kept` is still held");
@@ -123,23 +128,13 @@ fn switch_to_atomic_with_concurrent_get_put_keeps_count_exact() {
 }
 
 #[test]
+fn switch_to_atomic_with_concurrent_get_put_keeps_count_exact() {
+    switch_with_concurrent_get_put(false);
+}
+
+#[test]
 fn switch_back_to_percpu_with_concurrent_get_put_keeps_count_exact() {
-    loom::model(|| {
-        let (r, released) = counted_ref(true);
-        let g = r.tryget_owned().unwrap();
-        let r2 = r.clone();
-        let t = thread::spawn(move || {
-            let kept = r2.tryget_owned().unwrap();
-            drop(g);
-            kept
-        });
-        r.switch_to_percpu();
-        let kept = t.join().unwrap();
-        r.kill().unwrap();
-        assert_eq!(released.load(SeqCst), 0, "`kept` is still held");
-        drop(kept);
-        assert_eq!(released.load(SeqCst), 1);
-    });
+    switch_with_concurrent_get_put(true);
 }
 
 #[test]

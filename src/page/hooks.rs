@@ -78,17 +78,18 @@ impl<'a, T, P: ReleasePolicy<T>> PercpuRefHook<'a, T, P> {
     }
 }
 
+/// `tryget_live`, keeping the reference raw (`Ref::into_raw`): the page's
+/// lifetime reference, given back by `put_many(1)` on its last unref.
+#[inline]
+fn tryget_live_raw<T, P: ReleasePolicy<T>>(r: &PercpuRef<T, P>) -> bool {
+    r.tryget_live().map(Ref::into_raw).is_some()
+}
+
 impl<T, P: ReleasePolicy<T>> PageRefHook for PercpuRefHook<'_, T, P> {
     /// `tryget_live`, keeping the reference raw; `false` once killed.
     #[inline]
     fn on_first_ref(&self) -> bool {
-        match self.r.tryget_live() {
-            Some(r) => {
-                let _ = Ref::into_raw(r);
-                true
-            }
-            None => false,
-        }
+        tryget_live_raw(&self.r)
     }
 
     /// `put_many(1)`: gives back the reference of `on_first_ref`. Out of
@@ -97,7 +98,7 @@ impl<T, P: ReleasePolicy<T>> PageRefHook for PercpuRefHook<'_, T, P> {
     fn on_last_unref(&self) {
         // SAFETY: by the contract of `PercpuRefHook::new`, this call gives
         // back the raw reference an earlier successful `on_first_ref` took
-        // with `tryget_live` + `Ref::into_raw`.
+        // with `tryget_live_raw`.
         unsafe { self.r.put_many(1) }
     }
 }
@@ -168,13 +169,7 @@ impl<T, P: ReleasePolicy<T>> PageRefHook for ArcPercpuRefHook<T, P> {
     /// `tryget_live`, keeping the reference raw; `false` once killed.
     #[inline]
     fn on_first_ref(&self) -> bool {
-        match self.r.tryget_live() {
-            Some(r) => {
-                let _ = Ref::into_raw(r);
-                true
-            }
-            None => false,
-        }
+        tryget_live_raw(&self.r)
     }
 
     /// `put_many(1)`: gives back the reference of `on_first_ref`. Out of
@@ -183,7 +178,7 @@ impl<T, P: ReleasePolicy<T>> PageRefHook for ArcPercpuRefHook<T, P> {
     fn on_last_unref(&self) {
         // SAFETY: by the contract of `ArcPercpuRefHook::new`, this call
         // gives back the raw reference an earlier successful `on_first_ref`
-        // took with `tryget_live` + `Ref::into_raw`.
+        // took with `tryget_live_raw`.
         unsafe { self.r.put_many(1) }
     }
 }
