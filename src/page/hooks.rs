@@ -89,7 +89,7 @@ impl<T, P: ReleasePolicy<T>> PageRefHook for PercpuRefHook<'_, T, P> {
     /// `tryget_live`, keeping the reference raw; `false` once killed.
     #[inline]
     fn on_first_ref(&self) -> bool {
-        tryget_live_raw(&self.r)
+        tryget_live_raw(self.r)
     }
 
     /// `put_many(1)`: gives back the reference of `on_first_ref`. Out of
