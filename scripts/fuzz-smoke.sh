@@ -14,6 +14,11 @@ shift || true
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
+if ! rustc +nightly --version >/dev/null 2>&1; then
+    echo "fuzz-smoke: needs the nightly toolchain (cargo +nightly); none is installed" >&2
+    exit 1
+fi
+
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     echo "fuzz-smoke: installing cargo-fuzz"
     cargo install cargo-fuzz --locked
@@ -45,8 +50,10 @@ for t in "${targets[@]}"; do
         rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
         echo "fuzz-smoke: $t ok: ${execs:-?} execs, ${rate:-?} exec/s"
     else
-        echo "fuzz-smoke: $t FAILED; last lines of its log:"
-        grep -v '^"' "$log" | tail -40
+        echo "fuzz-smoke: $t FAILED:"
+        grep -m1 -A4 -E 'panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)|^error' "$log" || true
+        echo "fuzz-smoke: last lines of the $t log:"
+        grep -v '^"' "$log" | tail -25
         failed+=("$t")
     fi
 done

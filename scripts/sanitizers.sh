@@ -22,6 +22,11 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
+if ! rustc +nightly --version >/dev/null 2>&1; then
+    echo "sanitizers: needs the nightly toolchain (cargo +nightly); none is installed" >&2
+    exit 1
+fi
+
 host=$(rustc +nightly -vV | sed -n 's/^host: //p')
 base_target=${CARGO_TARGET_DIR:-$root/target}
 # Miri scheduler seeds for the concurrent tests (each seed reruns them).

@@ -657,7 +657,7 @@ fn stress_migration_mode_flips_and_kill_keep_count_exact() {
                             if i % 512 == 0 && !cores.is_empty() {
                                 core_affinity::set_for_current(cores[(i / 512 + w) % cores.len()]);
                             }
-                            if i == 1000 {
+                            if i == scaled(1000) {
                                 started.fetch_add(1, SeqCst);
                             }
                             // `base` keeps the count > 0: tryget succeeds even

@@ -1,0 +1,227 @@
+//! A plain sequential reference model of `PercpuRef`, written from the
+//! documented semantics (src/percpu/mod.rs, DESIGN.md §3) and the state
+//! table in src/percpu/state.rs.
+//!
+//! The model tracks the *true* count (what the central count would hold
+//! once every per-CPU slot is folded in) and the state bits. Zero-crossing
+//! effects (release, underflow flag) happen exactly where the real code can
+//! see them: on puts in atomic mode, and at the fold of a switch to atomic
+//! mode or a kill. A put in percpu mode only touches a slot, so an
+//! unbalanced put there is noticed at the next fold, as documented for
+//! `check()`.
+
+use percpu_ref::{KillError, Mode, ReviveError};
+
+/// Observable and internal state of one ref, as the docs define it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Model {
+    /// True count: owner's initial reference + Refs + raw references.
+    pub count: i64,
+    /// Killed (`is_dying`).
+    pub dead: bool,
+    /// The release of the current kill was claimed (state bit RELEASED).
+    pub released: bool,
+    /// Counting on the central count (`mode() == Atomic`).
+    pub atomic: bool,
+    /// The user asked for atomic mode; revives stay atomic.
+    pub force_atomic: bool,
+    /// `reinit` (and `resurrect` of a drained ref) permitted.
+    pub allow_reinit: bool,
+    /// Sticky underflow diagnostic (`check()`).
+    pub underflow: bool,
+    /// How often the release policy ran.
+    pub releases: u64,
+    /// How often a `kill_and_confirm` callback ran.
+    pub confirms: u64,
+}
+
+impl Model {
+    /// The state `PercpuRef::builder(v)` with the given flags builds.
+    pub fn new(atomic: bool, dead: bool, allow_reinit: bool) -> Self {
+        Model {
+            count: if dead { 0 } else { 1 },
+            dead,
+            // `.dead()` starts released, without running the release.
+            released: dead,
+            atomic: atomic || dead,
+            force_atomic: atomic,
+            // `.dead()` implies `.allow_reinit()`.
+            allow_reinit: allow_reinit || dead,
+            underflow: false,
+            releases: 0,
+            confirms: 0,
+        }
+    }
+
+    /// `mode()`.
+    pub fn mode(&self) -> Mode {
+        if self.atomic {
+            Mode::Atomic
+        } else {
+            Mode::Percpu
+        }
+    }
+
+    /// `is_zero()`: only an atomic-mode ref can report zero.
+    pub fn is_zero(&self) -> bool {
+        self.atomic && self.count == 0
+    }
+
+    /// The central count moved from a value that was positive or not
+    /// (`prev_positive`) to `now`: underflow and release effects.
+    fn central_moved(&mut self, prev_positive: bool, now: i64) {
+        if now > 0 {
+            return;
+        }
+        if now < 0 {
+            self.underflow = true;
+        }
+        if prev_positive {
+            if !self.dead {
+                // A live ref holds its initial reference: zero is underflow.
+                self.underflow = true;
+            } else if !self.released {
+                // Exactly once per kill.
+                self.released = true;
+                self.releases += 1;
+            }
+        }
+    }
+
+    /// `tryget()` (`live == false`) or `tryget_live()`.
+    pub fn tryget(&mut self, live: bool) -> bool {
+        if !self.atomic {
+            // Percpu mode: a slot add always succeeds (a percpu-mode ref is
+            // live and holds its initial reference).
+            self.count += 1;
+            return true;
+        }
+        if (live && self.dead) || self.count <= 0 {
+            return false;
+        }
+        self.count += 1;
+        true
+    }
+
+    /// A get (clone, `get_many`): never has a zero-crossing effect.
+    pub fn get(&mut self, n: u64) {
+        self.count += n as i64;
+    }
+
+    /// A put (drop, `put_many`).
+    pub fn put(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let prev = self.count;
+        self.count -= n as i64;
+        if self.atomic {
+            self.central_moved(prev > 0, self.count);
+        }
+    }
+
+    /// Percpu → atomic: the slots are folded into the central count, which
+    /// carried the (positive) bias until now.
+    fn fold(&mut self) {
+        debug_assert!(!self.atomic);
+        self.atomic = true;
+        self.central_moved(true, self.count);
+    }
+
+    /// `switch_to_atomic()` / `switch_to_atomic_sync()`.
+    pub fn switch_to_atomic(&mut self) {
+        self.force_atomic = true;
+        if !self.atomic {
+            self.fold();
+        }
+    }
+
+    /// `switch_to_percpu()`: on a killed ref it only takes effect at revive.
+    pub fn switch_to_percpu(&mut self) {
+        self.force_atomic = false;
+        if !self.dead && self.atomic {
+            self.atomic = false;
+        }
+    }
+
+    /// First half of `kill`/`kill_and_confirm`, up to the point where the
+    /// confirm callback runs.
+    pub fn kill_begin(&mut self) -> Result<(), KillError> {
+        if self.dead {
+            return Err(KillError::AlreadyDead);
+        }
+        self.dead = true;
+        if !self.atomic {
+            self.fold();
+        }
+        Ok(())
+    }
+
+    /// Second half of a kill that passed [`kill_begin`](Self::kill_begin):
+    /// the confirm callback ran (if any), then the initial reference is put.
+    pub fn kill_end(&mut self, confirmed: bool) -> Result<(), KillError> {
+        if confirmed {
+            self.confirms += 1;
+        }
+        self.put(1);
+        if self.count < 0 || self.underflow {
+            Err(KillError::Underflow { count: self.count })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn revive(&mut self) {
+        self.dead = false;
+        if !self.force_atomic {
+            self.atomic = false;
+        }
+    }
+
+    fn reinit_inner(&mut self) {
+        // The real reinit waits for the RELEASED claim (or an underflow); if
+        // neither can ever come it would spin forever. Say so instead of
+        // letting libFuzzer report a timeout.
+        assert!(
+            self.released || self.underflow,
+            "model: reinit of a drained ref that was neither released nor underflowed would spin \
+             forever: {self:?}"
+        );
+        self.count = 1;
+        self.released = false;
+        self.revive();
+    }
+
+    /// `resurrect()`.
+    pub fn resurrect(&mut self) -> Result<(), ReviveError> {
+        if !self.dead {
+            return Err(ReviveError::Live);
+        }
+        if self.count > 0 {
+            // inc_not_zero succeeded: a new initial reference.
+            self.count += 1;
+            self.revive();
+            return Ok(());
+        }
+        if !self.allow_reinit {
+            return Err(ReviveError::ReinitNotAllowed);
+        }
+        self.reinit_inner();
+        Ok(())
+    }
+
+    /// `reinit()`.
+    pub fn reinit(&mut self) -> Result<(), ReviveError> {
+        if !self.dead {
+            return Err(ReviveError::Live);
+        }
+        if !self.allow_reinit {
+            return Err(ReviveError::ReinitNotAllowed);
+        }
+        if self.count > 0 {
+            return Err(ReviveError::NotDrained);
+        }
+        self.reinit_inner();
+        Ok(())
+    }
+}
