@@ -640,6 +640,18 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
             );
         }
         out.report = report;
+        // Readers stop on their own once a lookup is refused; `stop` is
+        // only a safety net (10 s) so a bug cannot hang the demo.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !readers.iter().all(|h| h.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !readers.iter().all(|h| h.is_finished()) {
+            c.errors
+                .lock()
+                .unwrap()
+                .push("a reader was never refused after the shutdown".into());
+        }
         stop.store(true, Relaxed);
         let reader_ops: Vec<u64> = readers.into_iter().map(|h| h.join().unwrap()).collect();
         (reader_ops, writer_ops, t_run)
