@@ -64,7 +64,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-#[cfg(all(feature = "dax", not(percpu_ref_loom)))]
+#[cfg(all(feature = "dax", not(percpu_ref_model)))]
 mod dax;
 pub mod docs;
 pub mod page;
@@ -73,7 +73,7 @@ mod sync;
 mod sys;
 
 // Layer re-exports. `page` and `dax` decide their public items themselves.
-#[cfg(all(feature = "dax", not(percpu_ref_loom)))]
+#[cfg(all(feature = "dax", not(percpu_ref_model)))]
 pub use dax::*;
 pub use page::*;
 
@@ -106,7 +106,7 @@ pub fn init() -> Tier {
 
 /// Bytes of per-CPU counter memory one [`PercpuRef`] costs on this machine
 /// (8 bytes per possible CPU), besides its header.
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 pub fn slot_bytes_per_ref() -> usize {
     percpu::slot_bytes_per_ref()
 }

@@ -19,7 +19,7 @@
 //! only in sysfs, SIGBUS past the end, no `MAP_PRIVATE`) are in DESIGN.md
 //! §7.
 
-#![cfg(all(feature = "dax", target_os = "linux", not(miri), not(percpu_ref_loom)))]
+#![cfg(all(feature = "dax", percpu_ref_linux))]
 
 use percpu_ref::{Backend, DevicePage, DevicePagePool, PersistMethod, PoolError, PoolOptions};
 use std::collections::VecDeque;

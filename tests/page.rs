@@ -1,6 +1,6 @@
 //! Tests of the page refcount layer: `PageRef`, its hooks, and misuse
 //! detection. (The loom models are in `loom_page.rs`.)
-#![cfg(not(percpu_ref_loom))]
+#![cfg(not(percpu_ref_model))]
 
 use percpu_ref::{
     ArcPercpuRefHook, Completion, FirstRefError, MixedHook, NoHook, NoRelease, PageRef,

@@ -6,7 +6,7 @@
 //! `fstat` reports 0 for the device.
 
 // The portable tier (other systems, Miri) maps no devices.
-#![cfg_attr(not(all(target_os = "linux", not(miri))), allow(dead_code))]
+#![cfg_attr(not(percpu_ref_linux), allow(dead_code))]
 
 use super::error::PoolError;
 use super::options::{Backend, PoolOptions, MIN_PAGE_SIZE};
@@ -197,7 +197,7 @@ pub(crate) fn open(path: &Path, opts: &PoolOptions) -> Result<(Region, Plan), Po
     imp::open(path, opts)
 }
 
-#[cfg(all(target_os = "linux", not(miri)))]
+#[cfg(percpu_ref_linux)]
 mod imp {
     use super::*;
     use crate::sys::mem::MapMode;
@@ -371,7 +371,7 @@ mod imp {
     }
 }
 
-#[cfg(not(all(target_os = "linux", not(miri))))]
+#[cfg(not(percpu_ref_linux))]
 mod imp {
     use super::*;
 

@@ -220,7 +220,7 @@ impl<H: PageRefHook> PageRef<H> {
     pub const MAX_COUNT: u32 = 1 << 30;
 
     /// A free page (count 0) with its hook.
-    #[cfg(not(percpu_ref_loom))]
+    #[cfg(not(percpu_ref_model))]
     #[inline]
     pub const fn new(hook: H) -> Self {
         PageRef {
@@ -230,7 +230,7 @@ impl<H: PageRefHook> PageRef<H> {
     }
 
     /// A free page (count 0) with its hook. (Not `const` under loom.)
-    #[cfg(percpu_ref_loom)]
+    #[cfg(percpu_ref_model)]
     pub fn new(hook: H) -> Self {
         PageRef {
             count: AtomicU32::new(0),

@@ -33,7 +33,7 @@ use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::sync::Arc;
 
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 pub(crate) use slots::slot_bytes_per_ref;
 
 /// Where a [`PercpuRef`] counts right now.

@@ -15,17 +15,17 @@
 use crate::sync::AtomicI64;
 
 /// Refs per arena chunk; one row of a chunk is `SLOTS_PER_ROW * 8` bytes.
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 pub(crate) const SLOTS_PER_ROW: usize = 16;
 
 /// The per-CPU slots of one ref.
 pub(crate) struct Slots {
-    #[cfg(not(percpu_ref_loom))]
+    #[cfg(not(percpu_ref_model))]
     first: std::ptr::NonNull<AtomicI64>,
     /// `possible()` at creation, cached: the hot path must not call out.
-    #[cfg(not(percpu_ref_loom))]
+    #[cfg(not(percpu_ref_model))]
     n: usize,
-    #[cfg(percpu_ref_loom)]
+    #[cfg(percpu_ref_model)]
     slots: Box<[AtomicI64]>,
 }
 
@@ -34,21 +34,21 @@ pub(crate) struct Slots {
 // is owned by exactly one `Slots` value at a time (the free list hands it
 // out once). Sharing or sending that pointer is like sharing `&'static
 // AtomicI64`.
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 unsafe impl Send for Slots {}
 // SAFETY: as for `Send`: all access is through `&AtomicI64`.
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 unsafe impl Sync for Slots {}
 
 impl Slots {
     /// Take a free slot and set every CPU's value to `init`.
     pub(crate) fn new(init: i64) -> Self {
-        #[cfg(not(percpu_ref_loom))]
+        #[cfg(not(percpu_ref_model))]
         let s = Slots {
             first: arena::take(),
             n: crate::sys::cpu::possible(),
         };
-        #[cfg(percpu_ref_loom)]
+        #[cfg(percpu_ref_model)]
         let s = Slots {
             slots: (0..LOOM_SLOTS).map(|_| AtomicI64::new(0)).collect(),
         };
@@ -63,11 +63,11 @@ impl Slots {
     /// Number of slots (possible CPUs).
     #[inline]
     pub(crate) fn len(&self) -> usize {
-        #[cfg(not(percpu_ref_loom))]
+        #[cfg(not(percpu_ref_model))]
         {
             self.n
         }
-        #[cfg(percpu_ref_loom)]
+        #[cfg(percpu_ref_model)]
         {
             self.slots.len()
         }
@@ -76,7 +76,7 @@ impl Slots {
     /// The slot of `cpu`; `cpu < self.len()`.
     #[inline]
     pub(crate) fn get(&self, cpu: usize) -> &AtomicI64 {
-        #[cfg(not(percpu_ref_loom))]
+        #[cfg(not(percpu_ref_model))]
         {
             // Never taken: `sys::cpu::current()` is below `possible()`. The
             // fold keeps an out-of-range id from ever reaching the pointer.
@@ -88,7 +88,7 @@ impl Slots {
             // `self` (and longer).
             unsafe { &*self.first.as_ptr().add(cpu * SLOTS_PER_ROW) }
         }
-        #[cfg(percpu_ref_loom)]
+        #[cfg(percpu_ref_model)]
         {
             &self.slots[cpu]
         }
@@ -111,7 +111,7 @@ impl Slots {
         mask: usize,
         d: i64,
     ) -> bool {
-        #[cfg(not(percpu_ref_loom))]
+        #[cfg(not(percpu_ref_model))]
         {
             // SAFETY: the caller's contract covers availability and the
             // write discipline; `first` is this ref's row-0 slot and each
@@ -128,7 +128,7 @@ impl Slots {
                 )
             }
         }
-        #[cfg(percpu_ref_loom)]
+        #[cfg(percpu_ref_model)]
         {
             let _ = (gate, mask, d);
             false
@@ -138,18 +138,18 @@ impl Slots {
     /// The slot the calling thread should use now.
     #[inline]
     pub(crate) fn current(&self) -> &AtomicI64 {
-        #[cfg(not(percpu_ref_loom))]
+        #[cfg(not(percpu_ref_model))]
         {
             self.get(crate::sys::cpu::current())
         }
-        #[cfg(percpu_ref_loom)]
+        #[cfg(percpu_ref_model)]
         {
             self.get(loom_cpu() % self.slots.len())
         }
     }
 }
 
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 impl Drop for Slots {
     fn drop(&mut self) {
         arena::give_back(self.first);
@@ -162,12 +162,12 @@ impl std::fmt::Debug for Slots {
     }
 }
 
-#[cfg(percpu_ref_loom)]
+#[cfg(percpu_ref_model)]
 const LOOM_SLOTS: usize = 2;
 
 /// Under loom: each call moves the thread to the next "CPU", so models see
 /// gets and puts of one thread land on different slots (migration).
-#[cfg(percpu_ref_loom)]
+#[cfg(percpu_ref_model)]
 fn loom_cpu() -> usize {
     use std::cell::Cell;
     loom::thread_local! {
@@ -180,7 +180,7 @@ fn loom_cpu() -> usize {
     })
 }
 
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 mod arena {
     use super::SLOTS_PER_ROW;
     use crate::sync::AtomicI64;
@@ -231,12 +231,12 @@ mod arena {
 }
 
 /// Bytes of per-CPU counter memory one ref costs on this machine.
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 pub(crate) fn slot_bytes_per_ref() -> usize {
     8 * crate::sys::cpu::possible()
 }
 
-#[cfg(all(test, not(percpu_ref_loom)))]
+#[cfg(all(test, not(percpu_ref_model)))]
 mod tests {
     use super::*;
     use crate::sync::Ordering::Relaxed;

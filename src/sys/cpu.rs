@@ -38,7 +38,7 @@ pub(crate) fn parse_cpu_list_max(s: &str) -> Option<usize> {
 /// The slot index the calling thread should use now, `< possible()`.
 #[inline]
 pub(crate) fn current() -> usize {
-    #[cfg(all(target_os = "linux", not(miri)))]
+    #[cfg(percpu_ref_linux)]
     {
         let n = possible();
         // The rseq area's `cpu_id` (one load, ~0.25 ns) when glibc
@@ -55,7 +55,7 @@ pub(crate) fn current() -> usize {
         let cpu = unsafe { libc::sched_getcpu() };
         usize::try_from(cpu).unwrap_or(0) % n
     }
-    #[cfg(not(all(target_os = "linux", not(miri))))]
+    #[cfg(not(percpu_ref_linux))]
     {
         thread_index() % possible()
     }
@@ -63,7 +63,7 @@ pub(crate) fn current() -> usize {
 
 /// A small per-thread number, handed out round-robin: the fallback where the
 /// CPU id cannot be read.
-#[cfg(not(all(target_os = "linux", not(miri))))]
+#[cfg(not(percpu_ref_linux))]
 fn thread_index() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);

@@ -17,14 +17,14 @@
 //! offset it silently maps offset 0); `msync` is EINVAL there.
 
 // The portable tier (other systems, Miri) uses only part of this module.
-#![cfg_attr(not(all(target_os = "linux", not(miri))), allow(dead_code))]
+#![cfg_attr(not(percpu_ref_linux), allow(dead_code))]
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
-#[cfg(all(target_os = "linux", not(miri)))]
+#[cfg(percpu_ref_linux)]
 use std::os::fd::BorrowedFd;
 
 /// The operating system's page size (the unit of `mmap` offsets and of
@@ -97,14 +97,14 @@ impl RawMap {
             unsafe { heap_free(self.ptr, self.len) };
             return Ok(());
         }
-        #[cfg(all(target_os = "linux", not(miri)))]
+        #[cfg(percpu_ref_linux)]
         {
             // SAFETY: `ptr..ptr+len` is exactly a mapping made by `mmap`
             // below, unmapped only here, once (caller's guarantee).
             unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) }
                 .map_err(io::Error::from)
         }
-        #[cfg(not(all(target_os = "linux", not(miri))))]
+        #[cfg(not(percpu_ref_linux))]
         {
             unreachable!("non-heap RawMap on the portable tier")
         }
@@ -116,7 +116,7 @@ fn heap_layout(len: usize) -> io::Result<std::alloc::Layout> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
-#[cfg_attr(all(target_os = "linux", not(miri)), allow(dead_code))]
+#[cfg_attr(percpu_ref_linux, allow(dead_code))]
 fn heap_zeroed(len: usize) -> io::Result<RawMap> {
     let layout = heap_layout(len)?;
     // SAFETY: the layout has a non-zero size (`max(1)` above).
@@ -146,14 +146,14 @@ unsafe fn heap_free(ptr: NonNull<u8>, len: usize) {
 /// Linux (the fd is closed right away; the mapping keeps the memory), a
 /// heap block on the portable tier.
 pub(crate) fn anonymous(len: usize) -> io::Result<RawMap> {
-    #[cfg(all(target_os = "linux", not(miri)))]
+    #[cfg(percpu_ref_linux)]
     {
         use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
         let fd = memfd_create("percpu-ref-pool", MemfdFlags::CLOEXEC)?;
         ftruncate(&fd, len as u64)?;
         map_fd(std::os::fd::AsFd::as_fd(&fd), len, 0, MapMode::Shared, true)
     }
-    #[cfg(not(all(target_os = "linux", not(miri))))]
+    #[cfg(not(percpu_ref_linux))]
     {
         heap_zeroed(len)
     }
@@ -162,7 +162,7 @@ pub(crate) fn anonymous(len: usize) -> io::Result<RawMap> {
 /// Map `len` bytes of `fd` at `offset` (a multiple of the OS page size;
 /// the caller checked it, and that `offset + len` is inside the file or
 /// device). Never `MAP_FIXED`.
-#[cfg(all(target_os = "linux", not(miri)))]
+#[cfg(percpu_ref_linux)]
 pub(crate) fn map_fd(
     fd: BorrowedFd<'_>,
     len: usize,
@@ -200,7 +200,7 @@ pub(crate) fn map_fd(
 ///
 /// The range lies inside one live mapping made by [`map_fd`].
 pub(crate) unsafe fn msync(ptr: *const u8, len: usize) -> io::Result<()> {
-    #[cfg(all(target_os = "linux", not(miri)))]
+    #[cfg(percpu_ref_linux)]
     {
         let page = os_page_size();
         let start = ptr as usize & !(page - 1);
@@ -217,7 +217,7 @@ pub(crate) unsafe fn msync(ptr: *const u8, len: usize) -> io::Result<()> {
         }
         .map_err(io::Error::from)
     }
-    #[cfg(not(all(target_os = "linux", not(miri))))]
+    #[cfg(not(percpu_ref_linux))]
     {
         let _ = (ptr, len);
         Err(io::Error::new(
@@ -240,11 +240,11 @@ pub(crate) struct CharDevice {
 
 /// Major and minor number of a device number (`st_rdev`).
 pub(crate) fn major_minor(rdev: u64) -> (u32, u32) {
-    #[cfg(all(target_os = "linux", not(miri)))]
+    #[cfg(percpu_ref_linux)]
     {
         (rustix::fs::major(rdev), rustix::fs::minor(rdev))
     }
-    #[cfg(not(all(target_os = "linux", not(miri))))]
+    #[cfg(not(percpu_ref_linux))]
     {
         // glibc's encoding, so messages still show something sensible.
         let major = ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff);
@@ -257,7 +257,7 @@ pub(crate) fn major_minor(rdev: u64) -> (u32, u32) {
 /// `../../../bus/dax`, or `/sys/class/mem` for `/dev/null`).
 pub(crate) fn char_device(major: u32, minor: u32) -> io::Result<CharDevice> {
     let sysfs = PathBuf::from(format!("/sys/dev/char/{major}:{minor}"));
-    if cfg!(not(all(target_os = "linux", not(miri)))) {
+    if cfg!(not(percpu_ref_linux)) {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "sysfs is only probed on Linux",
@@ -444,7 +444,7 @@ mod tests {
         unsafe { m.unmap().unwrap() };
     }
 
-    #[cfg(all(target_os = "linux", not(miri)))]
+    #[cfg(percpu_ref_linux)]
     #[test]
     fn dev_null_is_a_mem_device() {
         use std::os::unix::fs::MetadataExt;

@@ -5,17 +5,12 @@
 //! and documented.
 
 // Under loom the slots pick their "CPU" themselves (see percpu/slots.rs).
-#[cfg_attr(percpu_ref_loom, allow(dead_code))]
+#[cfg_attr(percpu_ref_model, allow(dead_code))]
 pub(crate) mod cpu;
 // Mappings, memfd, write-back, sysfs probing, cache-line flush (the pool).
-#[cfg(all(feature = "dax", not(percpu_ref_loom)))]
+#[cfg(all(feature = "dax", not(percpu_ref_model)))]
 pub(crate) mod mem;
-#[cfg(all(
-    target_os = "linux",
-    target_arch = "x86_64",
-    target_env = "gnu",
-    not(miri),
-    not(percpu_ref_loom)
-))]
+#[cfg(percpu_ref_rseq)]
 pub(crate) mod membarrier;
+#[cfg_attr(percpu_ref_model, allow(dead_code))]
 pub(crate) mod rseq;

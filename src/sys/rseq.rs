@@ -99,21 +99,9 @@
 //! resets to the next adder: its gate load is ordered before its commit
 //! (x86 TSO keeps a load ordered before later stores and RMWs).
 
-#[cfg(all(
-    target_os = "linux",
-    target_arch = "x86_64",
-    target_env = "gnu",
-    not(miri),
-    not(percpu_ref_loom)
-))]
+#[cfg(percpu_ref_rseq)]
 use self::linux_x86_64 as imp;
-#[cfg(not(all(
-    target_os = "linux",
-    target_arch = "x86_64",
-    target_env = "gnu",
-    not(miri),
-    not(percpu_ref_loom)
-)))]
+#[cfg(not(percpu_ref_rseq))]
 use portable as imp;
 
 /// Environment variable that forces the portable tier when set to `1`
@@ -211,16 +199,7 @@ pub(crate) fn current_cpu() -> Option<usize> {
 
 /// The fallback everywhere the rseq tier is not compiled in. Always built,
 /// so its behaviour is unit-tested on every platform.
-#[cfg_attr(
-    all(
-        target_os = "linux",
-        target_arch = "x86_64",
-        target_env = "gnu",
-        not(miri),
-        not(percpu_ref_loom)
-    ),
-    allow(dead_code)
-)]
+#[cfg_attr(percpu_ref_rseq, allow(dead_code))]
 mod portable {
     pub(super) fn available() -> bool {
         false
@@ -252,13 +231,7 @@ mod portable {
     }
 }
 
-#[cfg(all(
-    target_os = "linux",
-    target_arch = "x86_64",
-    target_env = "gnu",
-    not(miri),
-    not(percpu_ref_loom)
-))]
+#[cfg(percpu_ref_rseq)]
 mod linux_x86_64 {
     use crate::sync::{AtomicI64, AtomicU32, Ordering::Relaxed};
     use std::arch::asm;
@@ -507,14 +480,7 @@ mod tests {
     }
 }
 
-#[cfg(all(
-    test,
-    target_os = "linux",
-    target_arch = "x86_64",
-    target_env = "gnu",
-    not(miri),
-    not(percpu_ref_loom)
-))]
+#[cfg(all(test, percpu_ref_rseq))]
 mod rseq_tests {
     use super::*;
     use crate::sync::{AtomicBool, AtomicI64, AtomicUsize, Ordering::SeqCst};
