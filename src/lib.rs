@@ -24,11 +24,10 @@
 //! # Example
 //!
 //! ```
-//! use percpu_ref::{Completion, PercpuRef};
-//! use std::sync::Arc;
+//! use percpu_ref::{Completion, PercpuArc};
 //!
 //! let drained = Completion::new();
-//! let device = Arc::new(PercpuRef::new("pmem0", drained.clone()));
+//! let device = PercpuArc::new("pmem0", drained.clone());
 //!
 //! // I/O paths take references; they are cheap per-CPU adds.
 //! let io = device.tryget_live_owned().expect("device is live");
@@ -83,7 +82,8 @@ pub use percpu::policy::Deferred;
 pub use percpu::policy::OnRayon;
 pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
 pub use percpu::{
-    Builder, KillError, Mode, OwnedRef, PercpuRef, Ref, ReviveError, Tier, Underflow,
+    Builder, KillError, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReviveError, SwitchError, Tier,
+    Underflow,
 };
 
 /// Set up the fast tier early: on Linux x86_64 this registers the process
@@ -104,11 +104,45 @@ pub fn init() -> Tier {
     }
 }
 
-/// Bytes of per-CPU counter memory one [`PercpuRef`] costs on this machine
-/// (8 bytes per possible CPU), besides its header.
+/// Bytes of per-CPU counter memory a [`PercpuRef`] holds on this machine
+/// while it counts per CPU (8 bytes per possible CPU), besides its 32-byte
+/// header. Atomic and dead refs hold none.
 #[cfg(not(percpu_ref_model))]
 pub fn slot_bytes_per_ref() -> usize {
     percpu::slot_bytes_per_ref()
+}
+
+/// Per-CPU slot memory of the whole process: how many refs hold a slot
+/// column right now, and how many bytes the slot arena has reserved (it
+/// grows in chunks of 16 columns and never shrinks; free columns are
+/// reused).
+///
+/// ```
+/// let r = percpu_ref::PercpuRef::new(0, percpu_ref::NoRelease);
+/// let usage = percpu_ref::slot_usage();
+/// assert!(usage.columns_in_use >= 1);
+/// assert!(usage.bytes_reserved >= percpu_ref::slot_bytes_per_ref());
+/// r.switch_to_atomic(); // gives its column back
+/// # drop(r);
+/// ```
+#[cfg(not(percpu_ref_model))]
+pub fn slot_usage() -> SlotUsage {
+    let (columns_in_use, bytes_reserved) = percpu::arena_usage();
+    SlotUsage {
+        columns_in_use,
+        bytes_reserved,
+    }
+}
+
+/// See [`slot_usage`].
+#[cfg(not(percpu_ref_model))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SlotUsage {
+    /// Refs (of any tier) holding a slot column now.
+    pub columns_in_use: usize,
+    /// Bytes of slot arena allocated so far.
+    pub bytes_reserved: usize,
 }
 
 // Keep the README's example compiling and passing.

@@ -2,8 +2,8 @@
 //! test. Iteration counts shrink under Miri.
 
 use percpu_ref::{
-    Completion, KillError, Mode, NoRelease, OwnedRef, PercpuRef, Ref, ReleasePolicy, ReviveError,
-    Tier,
+    Completion, KillError, Mode, NoRelease, OwnedRef, PercpuArc, PercpuRef, Ref, ReleasePolicy,
+    ReviveError, Tier,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -152,10 +152,10 @@ fn release_runs_once_on_the_thread_dropping_the_last_reference() {
     let rt = Arc::clone(&release_thread);
     let count = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&count);
-    let r = Arc::new(PercpuRef::new(1u32, move |_: &u32| {
+    let r = PercpuArc::new(1u32, move |_: &u32| {
         c.fetch_add(1, SeqCst);
         *rt.lock().unwrap() = Some(thread::current().id());
-    }));
+    });
     let held: OwnedRef<u32, _> = r.tryget_owned().unwrap();
     r.kill().unwrap();
     assert_eq!(count.load(SeqCst), 0, "a reference is outstanding");
@@ -259,7 +259,7 @@ fn mode_switches_under_concurrent_get_put_keep_count_exact() {
                 r.switch_to_atomic();
                 assert_eq!(r.mode(), Mode::Atomic);
             } else {
-                r.switch_to_percpu();
+                r.switch_to_percpu().unwrap();
                 assert_eq!(r.mode(), Mode::Percpu);
             }
         }
@@ -285,7 +285,7 @@ fn switch_to_percpu_on_a_dead_ref_applies_at_resurrect() {
     let r = PercpuRef::builder(0u32).atomic().build();
     let g = r.tryget().unwrap();
     r.kill().unwrap();
-    r.switch_to_percpu();
+    r.switch_to_percpu().unwrap();
     assert_eq!(r.mode(), Mode::Atomic, "dead refs stay atomic");
     r.resurrect().unwrap();
     assert_eq!(r.mode(), Mode::Percpu);
@@ -302,7 +302,7 @@ fn forced_atomic_stays_atomic_across_resurrect() {
     r.resurrect().unwrap();
     assert_eq!(r.mode(), Mode::Atomic);
     drop(g);
-    r.switch_to_percpu();
+    r.switch_to_percpu().unwrap();
     assert_eq!(r.mode(), Mode::Percpu);
 }
 
@@ -461,13 +461,15 @@ fn raw_references_round_trip() {
     drop(back);
     assert_eq!(released.load(SeqCst), 1);
 
-    let r2 = Arc::new(PercpuRef::new(1u32, NoRelease));
+    let r2 = PercpuArc::new(1u32, NoRelease);
     let owned = r2.tryget_owned().unwrap();
-    let arc = OwnedRef::into_raw(owned);
-    // SAFETY: the count from `owned` is still held by `arc`.
+    let raw = OwnedRef::into_raw(owned);
+    // SAFETY: the count from `owned` is still held by `raw`.
     unsafe { r2.get_many(2) };
-    // SAFETY: puts the two from get_many and the one from `owned`.
-    unsafe { arc.put_many(3) };
+    // SAFETY: puts the two from get_many.
+    unsafe { r2.put_many(2) };
+    // SAFETY: `raw` came from `into_raw` and still holds its count.
+    drop(unsafe { OwnedRef::from_raw(raw) });
     r2.kill().unwrap();
     assert!(r2.is_zero());
     assert!(r2.check().is_ok());
@@ -477,7 +479,7 @@ fn raw_references_round_trip() {
 #[test]
 fn completion_wait_timeout_and_future() {
     let done = Completion::new();
-    let r = Arc::new(PercpuRef::new(0u32, done.clone()));
+    let r = PercpuArc::new(0u32, done.clone());
     let g = r.tryget_owned().unwrap();
     r.kill().unwrap();
     assert!(!done.wait_timeout(std::time::Duration::from_millis(1)));
@@ -491,6 +493,7 @@ fn completion_wait_timeout_and_future() {
     assert!(done.wait_timeout(std::time::Duration::ZERO));
     done.reset();
     assert!(!done.is_complete());
+    drop(r);
 }
 
 #[cfg(feature = "rayon")]
@@ -690,7 +693,7 @@ fn stress_migration_mode_flips_and_kill_keep_count_exact() {
                     if i % 2 == 0 {
                         r.switch_to_atomic();
                     } else {
-                        r.switch_to_percpu();
+                        r.switch_to_percpu().unwrap();
                     }
                 }
                 r.kill().unwrap();

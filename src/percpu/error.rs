@@ -36,6 +36,13 @@ pub enum ReviveError {
         "percpu_ref is dying with references outstanding: reinit needs it drained (use resurrect)"
     )]
     NotDrained,
+    /// Every [`PercpuArc`](crate::PercpuArc) handle to the ref is gone:
+    /// nobody owns it any more, so it must not come back to life (its
+    /// memory is freed once it drains).
+    #[error(
+        "percpu_ref has no owner left (every PercpuArc handle was dropped): it cannot be revived"
+    )]
+    Orphaned,
 }
 
 /// The count of a ref went below zero: more puts than gets through the raw
@@ -43,3 +50,22 @@ pub enum ReviveError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("percpu_ref underflow: more puts than gets were made through the raw API")]
 pub struct Underflow;
+
+/// Why [`switch_to_percpu`](crate::PercpuRef::switch_to_percpu) could not
+/// make a ref count per CPU. The ref stays in atomic mode, where every
+/// operation keeps working (only slower under contention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SwitchError {
+    /// The slot arena could not grow: allocating a chunk of per-CPU slots
+    /// failed.
+    #[error("percpu_ref stays atomic: no per-CPU slot column of {bytes} bytes could be allocated")]
+    NoSlots {
+        /// Bytes one column needs (8 per possible CPU).
+        bytes: usize,
+    },
+    /// Portable tier only: every slot key (2^24 - 1 of them) is held by a
+    /// live ref that once counted per CPU.
+    #[error("percpu_ref stays atomic: all 16777215 portable-tier slot keys are held by live refs")]
+    NoKey,
+}

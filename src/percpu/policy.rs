@@ -13,12 +13,11 @@
 //! takes the count to zero; if no reference was outstanding at `kill`, it
 //! is the killing thread, inside `kill`.
 
+pub use super::completion::{Completion, CompletionFuture};
+#[cfg(any(feature = "epoch", feature = "rayon"))]
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+#[cfg(any(feature = "epoch", feature = "rayon"))]
+use std::sync::Arc;
 
 /// What runs exactly once when a killed [`PercpuRef`](crate::PercpuRef)
 /// drains to zero.
@@ -53,7 +52,20 @@ pub trait ReleasePolicy<T: ?Sized> {
     ///
     /// It must not block on references to the same ref being dropped (they
     /// are all gone) and should be quick: it runs inside someone's `put`.
+    /// It may switch, kill, resurrect or reinit refs, this one included: it
+    /// never runs under a lock of the crate. If it panics, the ref still
+    /// counts the release as done (a `reinit` can follow), and the panic
+    /// propagates out of the `put` (or `kill`) that ran it.
     fn release(&self, value: &T);
+
+    /// Called by [`reinit`](crate::PercpuRef::reinit) (and a `resurrect`
+    /// that reinitialises) before the ref's new life starts, after the
+    /// previous life's release has returned. The default does nothing;
+    /// [`Completion`] starts waiting for the new life.
+    ///
+    /// It runs under the ref's switch lock: it must not switch, kill or
+    /// revive this ref.
+    fn on_reinit(&self) {}
 }
 
 impl<T: ?Sized, F: Fn(&T)> ReleasePolicy<T> for F {
@@ -77,165 +89,6 @@ pub struct NoRelease;
 
 impl<T: ?Sized> ReleasePolicy<T> for NoRelease {
     fn release(&self, _value: &T) {}
-}
-
-/// A policy that signals a completion: `kill` now, then [`wait`] (blocking),
-/// [`wait_timeout`], or `.await` [`wait_async`] until the last reference is
-/// gone — the synchronous "kill and wait".
-///
-/// Clones share one completion: keep one, give one to the ref.
-///
-/// ```
-/// use percpu_ref::{Completion, PercpuRef};
-/// use std::time::Duration;
-///
-/// let done = Completion::new();
-/// let r = PercpuRef::new(vec![1, 2, 3], done.clone());
-/// let held = r.tryget().unwrap();
-/// r.kill().unwrap();
-/// assert!(!done.wait_timeout(Duration::from_millis(1))); // `held` is out
-/// std::thread::scope(|s| {
-///     s.spawn(move || drop(held));
-///     done.wait();
-/// });
-/// assert!(done.is_complete());
-/// ```
-///
-/// [`wait`]: Completion::wait
-/// [`wait_timeout`]: Completion::wait_timeout
-/// [`wait_async`]: Completion::wait_async
-#[derive(Clone, Default)]
-pub struct Completion {
-    inner: Arc<CompletionInner>,
-}
-
-#[derive(Default)]
-struct CompletionInner {
-    state: Mutex<CompletionState>,
-    cond: Condvar,
-}
-
-#[derive(Default)]
-struct CompletionState {
-    done: bool,
-    wakers: Vec<Waker>,
-}
-
-impl Completion {
-    /// A new, not yet complete, completion.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, CompletionState> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Mark complete and wake every waiter (what `release` does).
-    pub fn complete(&self) {
-        let wakers = {
-            let mut st = self.state();
-            st.done = true;
-            std::mem::take(&mut st.wakers)
-        };
-        self.inner.cond.notify_all();
-        for w in wakers {
-            w.wake();
-        }
-    }
-
-    /// Has the release run?
-    pub fn is_complete(&self) -> bool {
-        self.state().done
-    }
-
-    /// Make it incomplete again, e.g. before killing a ref that was
-    /// [`reinit`](crate::PercpuRef::reinit)ialised.
-    pub fn reset(&self) {
-        self.state().done = false;
-    }
-
-    /// Block until complete.
-    pub fn wait(&self) {
-        let mut st = self.state();
-        while !st.done {
-            st = self
-                .inner
-                .cond
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
-    /// Block until complete or `timeout` passed; `true` if complete.
-    pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now().checked_add(timeout);
-        let mut st = self.state();
-        while !st.done {
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left,
-                    _ => return false,
-                },
-                // A timeout too large to represent: wait without one.
-                None => Duration::from_secs(3600),
-            };
-            st = self
-                .inner
-                .cond
-                .wait_timeout(st, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        true
-    }
-
-    /// A future that resolves when complete. Works with any executor; needs
-    /// no runtime.
-    pub fn wait_async(&self) -> CompletionFuture {
-        CompletionFuture {
-            completion: self.clone(),
-        }
-    }
-}
-
-impl fmt::Debug for Completion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Completion")
-            .field("complete", &self.is_complete())
-            .finish()
-    }
-}
-
-impl<T: ?Sized> ReleasePolicy<T> for Completion {
-    fn release(&self, _value: &T) {
-        self.complete();
-    }
-}
-
-/// Future returned by [`Completion::wait_async`].
-#[derive(Debug)]
-#[must_use = "futures do nothing unless polled"]
-pub struct CompletionFuture {
-    completion: Completion,
-}
-
-impl Future for CompletionFuture {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.completion.state();
-        if st.done {
-            return Poll::Ready(());
-        }
-        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            st.wakers.push(cx.waker().clone());
-        }
-        Poll::Pending
-    }
 }
 
 /// Release deferred through crossbeam-epoch (feature `epoch`): the release

@@ -8,6 +8,8 @@
 #[cfg_attr(percpu_ref_model, allow(dead_code))]
 pub(crate) mod cpu;
 // Mappings, memfd, write-back, sysfs probing, cache-line flush (the pool).
+#[cfg_attr(percpu_ref_model, allow(dead_code))]
+pub(crate) mod gate_stub;
 #[cfg(all(feature = "dax", not(percpu_ref_model)))]
 pub(crate) mod mem;
 #[cfg(percpu_ref_rseq)]

@@ -164,6 +164,7 @@ pub(crate) fn init() -> bool {
 ///   from anywhere are fine.
 /// * `gate` is valid for reads for the duration of the call (normally an
 ///   `AtomicUsize`'s `as_ptr()`).
+#[allow(dead_code)] // replaced by the gate sequences
 #[inline(always)]
 pub(crate) unsafe fn percpu_add(
     slot0: *mut i64,
@@ -210,6 +211,7 @@ mod portable {
     /// # Safety
     ///
     /// None needed (no memory is accessed); `unsafe` to match the real one.
+    #[allow(dead_code)] // replaced by the gate sequences
     #[inline(always)]
     pub(super) unsafe fn percpu_add(
         _slot0: *mut i64,
@@ -335,6 +337,7 @@ mod linux_x86_64 {
     /// # Safety
     ///
     /// As for [`super::percpu_add`].
+    #[allow(dead_code)] // replaced by the gate sequences
     #[inline(always)]
     pub(super) unsafe fn percpu_add(
         slot0: *mut i64,

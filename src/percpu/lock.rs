@@ -1,0 +1,285 @@
+//! The switch lock, and sleeping until the state word changes.
+//!
+//! A ref has no mutex of its own (the header stays at 32 bytes): its lock is
+//! the `LOCKED` bit of the state word, and a thread that must wait — for the
+//! lock, for a zero crossing to be recorded, for a running release to
+//! finish — sleeps on one of a few process-wide condition variables chosen
+//! by the ref's address, as `parking_lot` does.
+//!
+//! Protocol (no lost wake-up): a waiter locks its bucket's mutex, then in
+//! one compare-exchange either finds the state it waits for or sets
+//! `PARKED`, and sleeps on the bucket's condition variable (which releases
+//! the mutex atomically). Every state change a waiter may wait for is a
+//! read-modify-write that returns the previous word; if that had `PARKED`,
+//! the changer locks the bucket mutex, clears `PARKED` and wakes the whole
+//! bucket. The changer's RMW either precedes the waiter's compare-exchange
+//! in the word's modification order (then the waiter sees the change) or
+//! follows it (then the changer sees `PARKED`, and its mutex acquisition
+//! waits until the waiter sleeps). Waiters that share a bucket, or that woke
+//! too early, check again and sleep again.
+//!
+//! The lock is not re-entrant. Re-locking from the thread that holds it
+//! (e.g. `resurrect` called inside the `kill_and_confirm` callback) would
+//! deadlock, so it panics with a message instead. The thread also records
+//! which releases it is running, so that a release that revives its own ref
+//! does not wait for itself (see `counter.rs`).
+
+use super::state::{LOCKED, PARKED};
+use crate::sync::{lock as lock_mutex, wait, AtomicU32, Condvar, Mutex, Ordering::*};
+use std::cell::RefCell;
+
+struct Bucket {
+    mutex: Mutex<()>,
+    cond: Condvar,
+}
+
+#[cfg(not(percpu_ref_loom))]
+const BUCKETS: usize = 64;
+#[cfg(percpu_ref_loom)]
+const BUCKETS: usize = 1;
+
+#[cfg(not(percpu_ref_loom))]
+crate::sync::global! {
+    static PARKING: [Bucket; BUCKETS] =
+        [const { Bucket { mutex: Mutex::new(()), cond: Condvar::new() } }; BUCKETS];
+}
+#[cfg(percpu_ref_loom)]
+crate::sync::global! {
+    static PARKING: [Bucket; BUCKETS] =
+        std::array::from_fn(|_| Bucket { mutex: Mutex::new(()), cond: Condvar::new() });
+}
+
+fn with_bucket<R>(word: &AtomicU32, f: impl FnOnce(&Bucket) -> R) -> R {
+    // Refs are at least 8-byte aligned: drop the bits that never vary.
+    let i = (word as *const AtomicU32 as usize >> 3) % BUCKETS;
+    PARKING.with(|b| f(&b[i]))
+}
+
+/// Spins before sleeping: short waits (a lock held for a fold, a release
+/// that only signals) are over before a sleep would start.
+const SPINS: usize = if cfg!(percpu_ref_model) { 1 } else { 100 };
+
+/// Block until `ready(state)`; returns the state that satisfied it.
+///
+/// Acquire on every read that returns: pairs with the Release (or stronger)
+/// RMW that made the state ready, so the caller sees what the changer did
+/// before (e.g. a release's effects, a lock holder's writes).
+pub(crate) fn wait_until(word: &AtomicU32, ready: impl Fn(u32) -> bool) -> u32 {
+    for _ in 0..SPINS {
+        let s = word.load(Acquire);
+        if ready(s) {
+            return s;
+        }
+        crate::sync::spin_loop();
+    }
+    with_bucket(word, |b| {
+        let mut g = lock_mutex(&b.mutex);
+        loop {
+            // Acquire: as above. Relaxed is not enough for a word we may
+            // return; the compare-exchange below is the other read.
+            let s = word.load(Acquire);
+            if ready(s) {
+                return s;
+            }
+            if s & PARKED != 0
+                // Acquire on success: we read `s` and may sleep on it;
+                // Relaxed on failure: we read again at the loop head.
+                || word
+                    .compare_exchange(s, s | PARKED, Acquire, Relaxed)
+                    .is_ok()
+            {
+                g = wait(&b.cond, g);
+            }
+        }
+    })
+}
+
+/// Wake every thread waiting on `word` if `prev` (the value an RMW just
+/// replaced) had `PARKED` set.
+#[inline]
+pub(crate) fn wake_if_parked(word: &AtomicU32, prev: u32) {
+    if prev & PARKED != 0 {
+        wake(word);
+    }
+}
+
+#[cold]
+fn wake(word: &AtomicU32) {
+    with_bucket(word, |b| {
+        let _g = lock_mutex(&b.mutex);
+        // Relaxed: the bucket mutex orders this with the waiters' CAS.
+        word.fetch_and(!PARKED, Relaxed);
+        b.cond.notify_all();
+    });
+}
+
+#[derive(Default)]
+struct Held {
+    /// Addresses of the state words this thread has locked.
+    locks: Vec<usize>,
+    /// State words whose release this thread is running, and whether a
+    /// revive from inside that release already finished it.
+    releasing: Vec<(usize, bool)>,
+}
+
+crate::sync::thread_local_cell! {
+    static HELD: RefCell<Held> = RefCell::new(Held { locks: Vec::new(), releasing: Vec::new() });
+}
+
+fn addr(word: &AtomicU32) -> usize {
+    word as *const AtomicU32 as usize
+}
+
+/// Take the switch lock of `word`.
+///
+/// # Panics
+///
+/// If this thread already holds it (a re-entrant call from a callback that
+/// runs under the lock would otherwise deadlock).
+pub(crate) fn lock(word: &AtomicU32) {
+    let a = addr(word);
+    HELD.with(|h| {
+        assert!(
+            !h.borrow().locks.contains(&a),
+            "percpu_ref: this thread already holds the ref's switch lock: a mode switch, \
+             kill, resurrect or reinit of a ref must not be called from its own \
+             kill_and_confirm callback (it would deadlock)"
+        );
+    });
+    loop {
+        if try_lock_raw(word) {
+            break;
+        }
+        wait_until(word, |s| s & LOCKED == 0);
+    }
+    HELD.with(|h| h.borrow_mut().locks.push(a));
+}
+
+/// Take the switch lock if it is free.
+pub(crate) fn try_lock(word: &AtomicU32) -> bool {
+    let a = addr(word);
+    if HELD.with(|h| h.borrow().locks.contains(&a)) || !try_lock_raw(word) {
+        return false;
+    }
+    HELD.with(|h| h.borrow_mut().locks.push(a));
+    true
+}
+
+fn try_lock_raw(word: &AtomicU32) -> bool {
+    // Relaxed: a first guess for the CAS.
+    let mut s = word.load(Relaxed);
+    while s & LOCKED == 0 {
+        // Acquire on success: pairs with the Release of `unlock`, so the
+        // new holder sees everything the previous one did. Relaxed on
+        // failure: we only retry.
+        match word.compare_exchange_weak(s, s | LOCKED, Acquire, Relaxed) {
+            Ok(_) => return true,
+            Err(now) => s = now,
+        }
+    }
+    false
+}
+
+/// Release the switch lock of `word` (held by this thread); returns the
+/// state word as it was just before.
+pub(crate) fn unlock(word: &AtomicU32) -> u32 {
+    let a = addr(word);
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        let at = h.locks.iter().rposition(|&x| x == a);
+        debug_assert!(at.is_some(), "unlock of a lock this thread does not hold");
+        if let Some(at) = at {
+            h.locks.swap_remove(at);
+        }
+    });
+    // Release: pairs with the Acquire of the next `lock`/`try_lock` and of
+    // waiters, publishing the holder's changes. Acquire: pairs with a
+    // `finish_release` that came first, for the orphaning handle drop that
+    // frees the ref on what this read returns (arc.rs).
+    let prev = word.fetch_and(!LOCKED, AcqRel);
+    debug_assert!(prev & LOCKED != 0);
+    wake_if_parked(word, prev);
+    prev
+}
+
+/// The lock of `word`, released when dropped (also on unwind).
+pub(crate) struct Guard<'a>(&'a AtomicU32);
+
+impl<'a> Guard<'a> {
+    pub(crate) fn new(word: &'a AtomicU32) -> Self {
+        lock(word);
+        Guard(word)
+    }
+}
+
+impl Guard<'_> {
+    /// Unlock now, returning the state word as it was just before.
+    pub(crate) fn unlock(self) -> u32 {
+        let word = self.0;
+        std::mem::forget(self);
+        unlock(word)
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        unlock(self.0);
+    }
+}
+
+/// Marks this thread as running the release of `word` until dropped.
+pub(crate) struct Releasing(usize);
+
+impl Releasing {
+    pub(crate) fn enter(word: &AtomicU32) -> Self {
+        let a = addr(word);
+        HELD.with(|h| h.borrow_mut().releasing.push((a, false)));
+        Releasing(a)
+    }
+
+    /// Did a revive from inside the release already finish it?
+    pub(crate) fn finished_inside(self) -> bool {
+        let a = self.0;
+        std::mem::forget(self);
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            let at = h.releasing.iter().rposition(|&(x, _)| x == a);
+            at.is_some_and(|at| h.releasing.remove(at).1)
+        })
+    }
+}
+
+impl Drop for Releasing {
+    /// Unwinding out of the release: forget the entry.
+    fn drop(&mut self) {
+        let a = self.0;
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(at) = h.releasing.iter().rposition(|&(x, _)| x == a) {
+                h.releasing.remove(at);
+            }
+        });
+    }
+}
+
+/// If this thread is running the release of `word` (and no revive inside
+/// it finished it yet), mark it finished and return `true`: the caller
+/// finishes the release now, and the release's runner will not.
+pub(crate) fn finish_own_release(word: &AtomicU32) -> bool {
+    let a = addr(word);
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        match h
+            .releasing
+            .iter_mut()
+            .rev()
+            .find(|(x, done)| *x == a && !*done)
+        {
+            Some(entry) => {
+                entry.1 = true;
+                true
+            }
+            None => false,
+        }
+    })
+}

@@ -1,0 +1,158 @@
+//! Taking references: `tryget*`, raw `get_many`/`put_many`, and the
+//! borrowed [`Ref`] handle.
+
+use super::counter::PercpuRef;
+use super::policy::{NoRelease, ReleasePolicy};
+use std::fmt;
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
+
+impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
+    /// Take a reference if the count is not zero, **even if the ref is
+    /// dying** (`percpu_ref_tryget`). Fails only once released.
+    ///
+    /// In percpu mode this is the same per-CPU add as cloning a [`Ref`].
+    #[doc(alias = "percpu_ref_tryget")]
+    #[inline]
+    #[must_use = "dropping the Ref puts it at once"]
+    pub fn tryget(&self) -> Option<Ref<'_, T, P>> {
+        self.tryget_one(false).then(|| Ref { r: self })
+    }
+
+    /// Take a reference only if the ref was not killed
+    /// (`percpu_ref_tryget_live`).
+    ///
+    /// Every call that starts after a
+    /// [`kill_and_confirm`](Self::kill_and_confirm) callback has run
+    /// (ordered after it, e.g. by a flag the callback sets) fails. A call
+    /// racing the kill itself may still succeed; the count then waits for
+    /// that reference too.
+    #[doc(alias = "percpu_ref_tryget_live")]
+    #[inline]
+    #[must_use = "dropping the Ref puts it at once"]
+    pub fn tryget_live(&self) -> Option<Ref<'_, T, P>> {
+        self.tryget_one(true).then(|| Ref { r: self })
+    }
+
+    /// Add `n` raw references (`percpu_ref_get_many`), e.g. one per object a
+    /// pool hands out. Balance them with [`put_many`](Self::put_many).
+    ///
+    /// # Safety
+    ///
+    /// The caller must hold at least one reference (a [`Ref`], a raw one, or
+    /// be the owner before [`kill`](Self::kill)) for the duration of the
+    /// call, so the count cannot be zero, and `n <= i64::MAX as usize`.
+    #[doc(alias = "percpu_ref_get_many")]
+    #[inline]
+    pub unsafe fn get_many(&self, n: usize) {
+        if n != 0 {
+            self.add(n as i64);
+        }
+    }
+
+    /// Drop `n` raw references (`percpu_ref_put_many`).
+    ///
+    /// An unbalanced put is detected when the count is summed (see
+    /// [`check`](Self::check)) and never runs the release twice.
+    ///
+    /// # Safety
+    ///
+    /// The caller must own `n` raw references, taken with
+    /// [`get_many`](Self::get_many) or [`Ref::into_raw`]. Putting more would
+    /// let the release run while [`Ref`]s still exist, breaking whatever the
+    /// release policy protects (e.g. unmapping memory still in use).
+    ///
+    /// # Panics
+    ///
+    /// If this put runs the release and the release panics (the ref's
+    /// bookkeeping is complete first).
+    #[doc(alias = "percpu_ref_put_many")]
+    #[inline]
+    pub unsafe fn put_many(&self, n: usize) {
+        if n != 0 {
+            let after = self.sub(n as i64);
+            debug_assert!(!after.free, "raw puts need a live owner");
+            after.rethrow();
+        }
+    }
+}
+
+/// A counted reference to a [`PercpuRef`]: clone is a `get`, drop is a
+/// `put`, deref gives the value.
+///
+/// In percpu mode both are one add on the current CPU's slot; dropping the
+/// last reference of a killed ref runs its release on the dropping thread
+/// (and re-raises a panic of the release, after the ref's bookkeeping is
+/// done).
+///
+/// ```
+/// use percpu_ref::{NoRelease, PercpuRef};
+/// let r = PercpuRef::new(7, NoRelease);
+/// let a = r.tryget().unwrap();
+/// let b = a.clone();
+/// assert_eq!(*a + *b, 14);
+/// ```
+#[must_use = "dropping a Ref puts it at once"]
+pub struct Ref<'a, T, P: ReleasePolicy<T> = NoRelease> {
+    r: &'a PercpuRef<T, P>,
+}
+
+impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
+    /// The ref this reference counts on.
+    pub fn percpu_ref(this: &Self) -> &'a PercpuRef<T, P> {
+        this.r
+    }
+
+    /// Turn into a raw reference: the count stays, nothing will put it.
+    /// Give it back with [`from_raw`](Self::from_raw) or
+    /// [`PercpuRef::put_many`]; a lost raw reference keeps the ref from
+    /// ever being released.
+    #[must_use = "a lost raw reference keeps the ref from ever draining"]
+    pub fn into_raw(this: Self) -> &'a PercpuRef<T, P> {
+        let this = ManuallyDrop::new(this);
+        this.r
+    }
+
+    /// Re-wrap a raw reference.
+    ///
+    /// # Safety
+    ///
+    /// The caller must own one raw reference on `r` (from
+    /// [`into_raw`](Self::into_raw) or [`PercpuRef::get_many`]); it is
+    /// consumed.
+    pub unsafe fn from_raw(r: &'a PercpuRef<T, P>) -> Self {
+        Ref { r }
+    }
+}
+
+impl<T, P: ReleasePolicy<T>> Clone for Ref<'_, T, P> {
+    #[inline(always)]
+    fn clone(&self) -> Self {
+        self.r.get_one();
+        Ref { r: self.r }
+    }
+}
+
+impl<T, P: ReleasePolicy<T>> Drop for Ref<'_, T, P> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let after = self.r.put_one();
+        // The borrow keeps an owner alive, so nothing is ours to free.
+        debug_assert!(!after.free);
+        after.rethrow();
+    }
+}
+
+impl<T, P: ReleasePolicy<T>> Deref for Ref<'_, T, P> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.r.value
+    }
+}
+
+impl<T: fmt::Debug, P: ReleasePolicy<T>> fmt::Debug for Ref<'_, T, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Ref").field(&self.r.value).finish()
+    }
+}
