@@ -36,8 +36,12 @@
 # packages, not installed on the host either).  The programs travel in the
 # per-run 9p share that also carries run.sh, the output and the exit code
 # (see vm-lib.sh); the guest's root is the initramfs itself, a writable
-# tmpfs.  Programs run as root in /root with PATH, HOME=/root, TERM=dumb and
-# the --env variables.  Output is streamed to this script's stdout; progress
+# tmpfs.  (Why not the other two ways: the host root over 9p has no arm64
+# userland to chroot into, and copying the programs into a per-run initramfs
+# is no faster -- a 14 MB test binary copies over 9p in 0.3 s -- while the
+# share is needed anyway for the output and keeps the initramfs cacheable.)
+# Programs run as root in /root with PATH, HOME=/root, TERM=dumb and the
+# --env variables.  Output is streamed to this script's stdout; progress
 # lines ("arm64-vm: [elapsed] ...") go to stderr.
 #
 # Exit status: the first failing program's exit status (128+N if killed by
@@ -54,8 +58,10 @@
 # Facts established with this script on an x86_64 host (Intel Xeon under
 # KVM, 2 cores, no usable /dev/kvm), QEMU 10.0.2 from bookworm-backports,
 # guest kernel linux-image-6.1.0-57-arm64 (6.1.192-3), glibc 2.36:
-#   - Boot to /init takes about 2 s with 4 vCPUs; a whole probe run (boot,
-#     modules, 9p, probe, poweroff) about 4 s.
+#   - The guest reaches its command 2-4 s after QEMU starts (4 vCPUs,
+#     modules and 9p included); a whole --probe run takes 4-7 s and the
+#     lib, percpu, page and pool test binaries 12-37 s, depending on the
+#     load other builds put on the host.
 #   - The Debian arm64 vmlinuz is a raw, uncompressed Image (33 MB): QEMU
 #     boots it directly; there is nothing to extract (unlike the x86
 #     bzImage).  virtio and the PL011 console are built in; virtio_mmio,
@@ -64,14 +70,22 @@
 #     fetch_add is one ldadd.  (pauth-impdef=on made no difference to boot or
 #     test times here, so the CPU is plain "max".)
 #   - CONFIG_RSEQ=y, CONFIG_MEMBARRIER=y.  The probe (scripts/rseq-probe.c)
-#     passes in the guest: __rseq_size 20, __rseq_offset -> cpu_id at
-#     TPIDR_EL0 + offset equals sched_getcpu(); the kernel holds glibc's
-#     registration with RSEQ_SIG 0xd428bc00 (re-registering gives EBUSY, a
-#     different signature EPERM); 4 CPUs online; sched_setaffinity moves a
-#     thread onto each CPU and cpu_id/cpu_id_start follow; membarrier QUERY
-#     lists PRIVATE_EXPEDITED_RSEQ, which is EPERM before REGISTER and
-#     succeeds after it (all CPUs, and one CPU with MEMBARRIER_CMD_FLAG_CPU).
-#     With GLIBC_TUNABLES=glibc.pthread.rseq=0, __rseq_size is 0.
+#     passes in the guest: __rseq_size 20, __rseq_offset -32 (negative: on
+#     aarch64 the area lies just below the thread pointer, unlike x86_64's
+#     +2336), and cpu_id at TPIDR_EL0 - 32 equals sched_getcpu(); the
+#     kernel holds glibc's registration with RSEQ_SIG 0xd428bc00
+#     (re-registering gives EBUSY, a different signature EPERM); 4 CPUs
+#     online; sched_setaffinity moves a thread onto each CPU and
+#     cpu_id/cpu_id_start follow; membarrier QUERY (0x1ff: 6.1 has no
+#     GET_REGISTRATIONS) lists PRIVATE_EXPEDITED_RSEQ, which is EPERM before
+#     REGISTER and succeeds after it (all CPUs, and one CPU with
+#     MEMBARRIER_CMD_FLAG_CPU).  With GLIBC_TUNABLES=glibc.pthread.rseq=0,
+#     __rseq_size is 0.
+#   - What this guest cannot show: TCG on an x86_64 host runs the guest's
+#     loads and stores as host loads and stores, which the host orders as
+#     TSO, so none of the reorderings arm64 hardware allows happen here.
+#     Tests in this guest catch logic and compiler-level errors of the
+#     aarch64 build, not a missing hardware barrier.
 #   - Cross build: gcc-aarch64-linux-gnu alone is not enough under
 #     --no-install-recommends: libc6-dev-arm64-cross (a Recommends) holds
 #     the headers and crt files that cc-rs builds and the linker need.
@@ -394,7 +408,9 @@ if ((PROBE)); then
 fi
 if ((CARGO_TEST)); then
     for p in "${TEST_BINS[@]}"; do
-        add_job "${p#"$PWD"/} ${TEST_ARGS[*]}" "$(vm_quote_words "${GUEST_PATH[$p]}" "${TEST_ARGS[@]}")"
+        label="${p#"$PWD"/}"
+        ((${#TEST_ARGS[@]})) && label+=" ${TEST_ARGS[*]}"
+        add_job "$label" "$(vm_quote_words "${GUEST_PATH[$p]}" "${TEST_ARGS[@]}")"
     done
 elif ((${#CMD[@]})); then
     if [[ -n "${GUEST_PATH[${CMD[0]}]:-}" ]]; then
