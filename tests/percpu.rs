@@ -558,22 +558,6 @@ fn send_sync_bounds() {
     send_sync::<OwnedRef<String, Completion>>();
 }
 
-/// `PercpuRef<Cell<_>>` is not `Sync`: references could not be shared.
-///
-/// ```compile_fail
-/// fn sync<X: Sync>() {}
-/// sync::<percpu_ref::PercpuRef<std::cell::Cell<u8>>>();
-/// ```
-///
-/// An `OwnedRef` to a `!Sync` value is not `Send`.
-///
-/// ```compile_fail
-/// fn send<X: Send>() {}
-/// send::<percpu_ref::OwnedRef<std::rc::Rc<u8>>>();
-/// ```
-#[allow(dead_code)]
-fn compile_fail_docs_live_in_the_crate() {}
-
 // Stress: ≥ 1e5 create/get/put/kill cycles over 2 threads.
 #[test]
 fn stress_create_get_put_kill_cycles() {

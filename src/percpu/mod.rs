@@ -66,3 +66,80 @@ mod tests {
         assert_eq!(std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(), 8);
     }
 }
+
+/// Compile-time pins of the public types' auto traits and `#[must_use]`
+/// lints, as doctests (they run from here: rustdoc does not doctest
+/// integration-test files). Each `compile_fail` has a twin that compiles,
+/// so a pin fails for the reason it states and not a typo.
+///
+/// A `PercpuRef` of a `!Sync` value is not `Sync`...
+/// ```compile_fail
+/// fn sync<X: Sync>() {}
+/// sync::<percpu_ref::PercpuRef<std::cell::Cell<u8>>>();
+/// ```
+/// ...while one of a `Sync` value is `Send + Sync`:
+/// ```
+/// fn send_sync<X: Send + Sync>() {}
+/// send_sync::<percpu_ref::PercpuRef<u8>>();
+/// send_sync::<percpu_ref::Ref<'static, u8>>();
+/// ```
+/// An `OwnedRef` to a `!Send` value is not `Send`...
+/// ```compile_fail
+/// fn send<X: Send>() {}
+/// send::<percpu_ref::OwnedRef<std::rc::Rc<u8>>>();
+/// ```
+/// ...nor is a `PercpuArc` of a `!Sync` value (its release and drop may run
+/// on another thread)...
+/// ```compile_fail
+/// fn send<X: Send>() {}
+/// send::<percpu_ref::PercpuArc<std::cell::Cell<u8>>>();
+/// ```
+/// ...while both are `Send + Sync` for `Send + Sync` values:
+/// ```
+/// fn send_sync<X: Send + Sync>() {}
+/// send_sync::<percpu_ref::OwnedRef<String, percpu_ref::Completion>>();
+/// send_sync::<percpu_ref::PercpuArc<String, percpu_ref::Completion>>();
+/// ```
+/// A borrowed `Ref` to a `!Sync` value cannot cross threads:
+/// ```compile_fail
+/// fn send<X: Send>() {}
+/// send::<percpu_ref::Ref<'static, std::cell::Cell<u8>>>();
+/// ```
+///
+/// Dropping what must not be dropped is a lint error under
+/// `deny(unused_must_use)`: a raw reference...
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let r = percpu_ref::PercpuRef::new(0, percpu_ref::NoRelease);
+/// percpu_ref::Ref::into_raw(r.tryget().unwrap());
+/// ```
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let r = percpu_ref::PercpuArc::new(0, percpu_ref::NoRelease);
+/// percpu_ref::OwnedRef::into_raw(r.tryget_owned().unwrap());
+/// ```
+/// ...a reference taken and dropped at once, a timed-out wait:
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let r = percpu_ref::PercpuRef::new(0, percpu_ref::NoRelease);
+/// r.tryget_live();
+/// ```
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// percpu_ref::Completion::new().wait_timeout(std::time::Duration::ZERO);
+/// ```
+/// The twin, using every result, compiles under the same lint:
+/// ```
+/// #![deny(unused_must_use)]
+/// let r = percpu_ref::PercpuArc::new(0, percpu_ref::NoRelease);
+/// let raw = percpu_ref::Ref::into_raw(r.tryget().unwrap());
+/// // SAFETY: the raw reference from `into_raw`, put once.
+/// unsafe { raw.put_many(1) };
+/// let owned = percpu_ref::OwnedRef::into_raw(r.tryget_owned().unwrap());
+/// // SAFETY: from `into_raw`, re-wrapped once.
+/// drop(unsafe { percpu_ref::OwnedRef::from_raw(owned) });
+/// let _held = r.tryget_live();
+/// let _done = percpu_ref::Completion::new().wait_timeout(std::time::Duration::ZERO);
+/// ```
+#[allow(dead_code)]
+fn auto_trait_and_must_use_pins() {}
