@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         .map(|i| PercpuRef::builder(i).atomic().build())
         .collect();
     let cold_rss = rss();
-    let step = if hot == 0 { usize::MAX } else { args.refs / hot };
+    let step = args.refs.checked_div(hot).unwrap_or(usize::MAX);
     let mut switched = 0;
     for r in refs.iter().step_by(step.max(1)).take(hot) {
         if r.switch_to_percpu().is_ok() {
