@@ -25,11 +25,14 @@
 //!
 //! | weakened ordering | caught by |
 //! |---|---|
-//! | portable put's slot compare-exchange `Release` → `Relaxed` | `holders_uses_happen_before_the_release` |
-//! | central put `AcqRel` → `Release` | `holders_uses_happen_before_the_release`, `two_putters_race_the_kill` |
-//! | fold's slot swap `AcqRel` → `Release` | `holders_uses_happen_before_the_release` |
-//! | fold's central add `AcqRel` → `Acquire` | `holders_uses_happen_before_the_release` |
-//! | `open_column`'s column store `Release` → `Relaxed` | `column_reuse_across_refs_keeps_counts_exact` |
+//! | portable put's slot compare-exchange `Release` → `Relaxed` | `holders_uses_happen_before_the_release`, `two_putters_race_the_kill`, `owned_refs_outlive_every_handle` |
+//! | central put `AcqRel` → `Release` | `two_putters_race_the_kill` |
+//! | central put `AcqRel` → `Acquire` | `holders_uses_happen_before_the_release`, `two_putters_race_the_kill`, `owned_refs_outlive_every_handle` |
+//! | fold's slot swap `AcqRel` → `Release` | `holders_uses_happen_before_the_release`, `two_putters_race_the_kill`, `owned_refs_outlive_every_handle` |
+//! | fold's central add `AcqRel` → `Acquire` | none: the kill's initial put (`AcqRel`, after the fold on the same thread) and the switch lock carry the same edge |
+//! | fold's central add `AcqRel` → `Release` | none here: it matters only when the fold itself takes a killed ref to zero (an underflow) and its thread then runs the release |
+//! | `open_column`'s column store `Release` → `Relaxed` | `switch_back_to_percpu_with_concurrent_get_put_keeps_count_exact`, `adaptive_promotion_keeps_count_exact` |
+//! | `portable_add`'s column load `Acquire` → `Relaxed` | `switch_back_to_percpu_with_concurrent_get_put_keeps_count_exact`, `adaptive_promotion_keeps_count_exact` |
 #![cfg(percpu_ref_loom)]
 
 use loom::cell::UnsafeCell;
