@@ -59,6 +59,7 @@
 //! | `switch_to_atomic`, `kill` | one swap per possible CPU, no grace period |
 //! | memory per ref | a small header plus 8 bytes per possible CPU |
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![warn(clippy::undocumented_unsafe_blocks)]
