@@ -81,50 +81,35 @@ fn default_out() -> PathBuf {
     }
 }
 
-fn parse_positive(opt: &str, v: &str) -> Result<usize, String> {
+fn positive(opt: &str, v: &str) -> Result<usize, String> {
     match v.trim().parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("{opt}: expected a positive integer, got {v:?}")),
     }
 }
 
-fn parse_args(args: &[String], cores: usize) -> Result<Parsed, String> {
+fn parse_args(cores: usize) -> Result<Parsed, String> {
+    use lexopt::prelude::*;
     let mut o = Options {
         threads: default_threads(cores),
         duration: Duration::from_millis(200),
         reps: 3,
         out: default_out(),
     };
-    let mut i = 0;
-    while i < args.len() {
-        let arg = args[i].as_str();
-        i += 1;
-        if arg == "-h" || arg == "--help" {
-            return Ok(Parsed::Help);
-        }
-        let (opt, inline) = match arg.split_once('=') {
-            Some((opt, v)) if opt.starts_with("--") => (opt, Some(v.to_string())),
-            _ => (arg, None),
-        };
-        if !matches!(opt, "--threads" | "--duration-ms" | "--reps" | "--out") {
-            return Err(format!("unknown argument {arg:?}"));
-        }
-        let value = match inline {
-            Some(v) => v,
-            None => {
-                let v = args
-                    .get(i)
-                    .ok_or_else(|| format!("{opt} needs a value"))?
-                    .clone();
-                i += 1;
-                v
-            }
-        };
-        match opt {
-            "--threads" => {
-                let mut t = value
+    let mut p = lexopt::Parser::from_env();
+    let value = |p: &mut lexopt::Parser, opt: &str| -> Result<String, String> {
+        p.value()
+            .map_err(|e| e.to_string())?
+            .into_string()
+            .map_err(|v| format!("{opt}: {v:?} is not valid UTF-8"))
+    };
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Parsed::Help),
+            Long("threads") => {
+                let mut t = value(&mut p, "--threads")?
                     .split(',')
-                    .map(|n| parse_positive(opt, n))
+                    .map(|n| positive("--threads", n))
                     .collect::<Result<Vec<_>, _>>()?;
                 t.sort_unstable();
                 t.dedup();
@@ -135,8 +120,8 @@ fn parse_args(args: &[String], cores: usize) -> Result<Parsed, String> {
                 }
                 o.threads = t;
             }
-            "--duration-ms" => {
-                let ms = parse_positive(opt, &value)?;
+            Long("duration-ms") => {
+                let ms = positive("--duration-ms", &value(&mut p, "--duration-ms")?)?;
                 if ms > 600_000 {
                     return Err(format!(
                         "--duration-ms: {ms} ms is over 10 minutes per point"
@@ -144,19 +129,21 @@ fn parse_args(args: &[String], cores: usize) -> Result<Parsed, String> {
                 }
                 o.duration = Duration::from_millis(ms as u64);
             }
-            "--reps" => {
-                let reps = parse_positive(opt, &value)?;
+            Long("reps") => {
+                let reps = positive("--reps", &value(&mut p, "--reps")?)?;
                 if reps > 1000 {
                     return Err(format!("--reps: {reps} is more than 1000"));
                 }
                 o.reps = reps;
             }
-            _ => {
-                if value.is_empty() {
+            Long("out") => {
+                let out = value(&mut p, "--out")?;
+                if out.is_empty() {
                     return Err("--out: expected a folder, got an empty string".into());
                 }
-                o.out = PathBuf::from(value);
+                o.out = PathBuf::from(out);
             }
+            other => return Err(other.unexpected().to_string()),
         }
     }
     Ok(Parsed::Run(o))
@@ -571,18 +558,7 @@ fn main() -> ExitCode {
     } else {
         cores.len()
     };
-    let args: Vec<String> = match std::env::args_os()
-        .skip(1)
-        .map(|a| a.into_string())
-        .collect::<Result<_, _>>()
-    {
-        Ok(a) => a,
-        Err(bad) => {
-            eprintln!("error: argument {bad:?} is not valid UTF-8\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    let o = match parse_args(&args, ncores) {
+    let o = match parse_args(ncores) {
         Ok(Parsed::Run(o)) => o,
         Ok(Parsed::Help) => {
             println!("{USAGE}");
