@@ -104,6 +104,16 @@ pub fn init() -> Tier {
     }
 }
 
+/// Not API: hooks for this crate's own benchmarks (`benches/`), which may
+/// only use public items. Hidden; may change in any release.
+#[doc(hidden)]
+#[cfg(not(percpu_ref_model))]
+pub mod __bench {
+    #[cfg(feature = "dax")]
+    pub use crate::dax::free::FreeLists;
+    pub use crate::sys::rseq::bench::*;
+}
+
 /// Bytes of per-CPU counter memory one [`PercpuRef`] costs on this machine
 /// (8 bytes per possible CPU), besides its header.
 #[cfg(not(percpu_ref_model))]

@@ -1,0 +1,55 @@
+//! The tier everywhere the rseq sequences are not compiled in (other
+//! architectures and libcs, Miri, the model checkers): no sequence ever
+//! adds, the fence is a `SeqCst` fence. Always built, so its behaviour is
+//! unit-tested on every platform.
+
+use super::Gate;
+
+pub(super) fn available() -> bool {
+    false
+}
+
+/// Adds nothing: the caller counts on its central count instead.
+///
+/// # Safety
+///
+/// None needed (no memory is accessed); `unsafe` to match the real one.
+#[inline(always)]
+pub(super) unsafe fn add_imm<const D: i64>(_g: &Gate) -> bool {
+    false
+}
+
+/// Adds nothing, as [`add_imm`].
+///
+/// # Safety
+///
+/// None needed.
+#[inline(always)]
+pub(super) unsafe fn add(_g: &Gate, _d: i64) -> bool {
+    false
+}
+
+/// Adds nothing, as [`add_imm`].
+///
+/// # Safety
+///
+/// None needed.
+#[inline(always)]
+pub(super) unsafe fn percpu_add(
+    _slot0: *mut i64,
+    _stride_bytes: usize,
+    _gate: *const usize,
+    _gate_mask: usize,
+    _delta: i64,
+) -> bool {
+    false
+}
+
+pub(super) fn fence_all_cpus() {
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+}
+
+#[inline]
+pub(super) fn current_cpu() -> Option<usize> {
+    None
+}
