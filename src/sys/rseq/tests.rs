@@ -8,19 +8,32 @@
 //! exactly, and every test runs under a watchdog, so a hang (a sequence
 //! that never completes, a gate never opened) fails instead of stalling.
 //!
-//! # Mutants (run once by hand on the 2-vCPU Intel Xeon KVM dev VM, on a
-//! scratch copy of `x86_64.rs`; not part of CI)
+//! The owner in the gate tests also drops the arena's page-table entries
+//! (`MADV_DONTNEED` on shared memory: the values stay) right before it
+//! closes the gate, so adders take a minor page fault on their commit:
+//! they sit inside their sequence, past the limit check, for microseconds
+//! without being preempted. Only `membarrier` turns that into an abort; a
+//! plain fence would let the commit land after the owner read the slots.
 //!
-//! | mutant | caught by |
+//! # Mutants
+//!
+//! Each mutant below was applied to a scratch copy of `x86_64.rs` and the
+//! chaos tests (`cargo test --lib -- chaos dax::free`, debug) run 4 times
+//! on the 2-vCPU Intel Xeon KVM dev VM; not part of CI. Rerun them after
+//! any change to a sequence or to these tests.
+//!
+//! | mutant (how it was made) | failing tests, runs out of 4 |
 //! |---|---|
-//! | no `rseq_cs` store (the arming `mov fs:[off + 8]` removed) | `adds_are_exact_under_migration_and_signals` (adds lost), `stacks_are_exact_under_migration_signals_and_remote_drains` (pages duplicated/lost), `column_reassignment_loses_nothing` |
-//! | limit read before `start` (the `cmp` against a value loaded before arming) | `gate_and_fence_stop_every_add` (a slot changed while gated), `column_reassignment_loses_nothing` |
-//! | `fence_all_cpus` replaced by a `SeqCst` fence | `gate_and_fence_stop_every_add`, `column_reassignment_loses_nothing`, the stack test (pages duplicated) |
-//! | commit not the last instruction (`post` one instruction later) | `adds_are_exact_under_migration_and_signals` (adds doubled) |
-//! | column read outside the sequence (loaded before arming) | `column_reassignment_loses_nothing` (a retired column was written) |
+//! | no `rseq_cs` store (the arming `mov fs:[off + 8]` deleted from the frame) | `adds_are_exact…` 4, `stacks_are_exact…` 4, `column_reassignment…` 3, `gate_and_fence…` 1 |
+//! | limit read before `start` (`g.limit` loaded in Rust, the `cmp` against that register) | `gate_and_fence…` 4, `column_reassignment…` 1 |
+//! | `fence_all_cpus` a `SeqCst` fence instead of `membarrier` | `gate_and_fence…` 4, `column_reassignment…` 4 |
+//! | commit not the last instruction (a `nop` between the commit and `post`) | `adds_are_exact…` 4, `gate_and_fence…` 4, `column_reassignment…` 4 |
+//! | column read outside the sequence (`g.column` loaded in Rust, added from a register) | `column_reassignment…` 4 |
+//! | stack pop's `len`/`gate` word read before arming | `stacks_are_exact…` 4 |
 //!
-//! The numbers seen per run are in the report of the change that added
-//! this table; rerun them after any change to a sequence.
+//! Without the page-fault stall the fence mutant passed every run, and
+//! without the minimum number of chaos rounds in the gate tests the
+//! missing `rseq_cs` store went unnoticed in 1 run of 3.
 
 use super::*;
 use std::ffi::OsStr;
@@ -95,29 +108,73 @@ mod chaos {
     #[repr(align(128))]
     struct Row([AtomicI64; COLS]);
 
-    /// A slot arena with one row per possible CPU and [`COLS`] columns.
-    struct Arena(Vec<Row>);
+    /// A slot arena with one row per possible CPU and [`COLS`] columns, in
+    /// shared anonymous memory, so [`Arena::evict`] can make the next
+    /// access of every slot fault without losing the values.
+    struct Arena {
+        base: std::ptr::NonNull<Row>,
+        rows: usize,
+        bytes: usize,
+    }
+
+    // SAFETY: the mapping is owned by the arena and only accessed through
+    // `&[Row]` (atomics) while it lives; unmapped in `drop`.
+    unsafe impl Send for Arena {}
+    // SAFETY: as for `Send`: every access is atomic.
+    unsafe impl Sync for Arena {}
 
     impl Arena {
         fn new() -> Self {
-            Arena(
-                (0..crate::sys::cpu::possible())
-                    .map(|_| Row(std::array::from_fn(|_| AtomicI64::new(0))))
-                    .collect(),
-            )
+            let rows = crate::sys::cpu::possible();
+            let bytes = (rows * ROW_STRIDE).next_multiple_of(4096);
+            // SAFETY: a fresh shared anonymous mapping; no address hint.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED, "mmap of the test arena");
+            Arena {
+                base: std::ptr::NonNull::new(p.cast()).unwrap(),
+                rows,
+                bytes,
+            }
+        }
+        fn rows(&self) -> &[Row] {
+            // SAFETY: the mapping holds `rows` zero-initialised, page-aligned
+            // (so 128-aligned) rows of atomics, alive as long as `self`.
+            unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.rows) }
+        }
+        /// Drop the arena's page-table entries: the values stay (shared
+        /// memory), but the next access of any slot takes a minor page
+        /// fault. A sequence that faults on its commit sits inside its
+        /// range, past the limit check, for microseconds without being
+        /// preempted: exactly the adder a fence must catch.
+        fn evict(&self) {
+            // SAFETY: our own mapping; MADV_DONTNEED on shared memory keeps
+            // the contents.
+            let r = unsafe {
+                libc::madvise(self.base.as_ptr().cast(), self.bytes, libc::MADV_DONTNEED)
+            };
+            assert_eq!(r, 0, "madvise(MADV_DONTNEED)");
         }
         fn col_ptr(&self, col: usize) -> *mut AtomicI64 {
-            self.0[0].0[col].as_ptr().cast()
+            self.rows()[0].0[col].as_ptr().cast()
         }
         /// Every row's slot `col`.
         fn column(&self, col: usize) -> Vec<i64> {
-            self.0.iter().map(|r| r.0[col].load(SeqCst)).collect()
+            self.rows().iter().map(|r| r.0[col].load(SeqCst)).collect()
         }
         fn sum(&self, col: usize) -> i64 {
             self.column(col).iter().sum()
         }
         fn zero(&self, col: usize) {
-            for r in &self.0 {
+            for r in self.rows() {
                 r.0[col].store(0, SeqCst);
             }
         }
@@ -130,7 +187,14 @@ mod chaos {
         /// The open protocol: column, then the limit with Release.
         fn open(&self, g: &Gate, col: usize) {
             g.column.store(self.col_ptr(col), Relaxed);
-            g.limit.store(self.0.len() as u32, Release);
+            g.limit.store(self.rows as u32, Release);
+        }
+    }
+
+    impl Drop for Arena {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping, no reference into it outlives `self`.
+            unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
         }
     }
 
@@ -544,13 +608,16 @@ mod chaos {
         const ADDERS: usize = 3;
         const MIN_OPS: usize = 20_000;
         const ROUNDS: usize = if cfg!(debug_assertions) { 200 } else { 300 };
+        // Preemptions and migrations inside sequences while the gate closes
+        // are what a missing `rseq_cs` store gets wrong: run long enough.
+        const MIN_CHAOS_ROUNDS: usize = 400;
         let arena = Arena::new();
         let gate = arena.gate(2);
         let refused = AtomicI64::new(0);
         let attempted = AtomicI64::new(0);
         let moved_while_closed = AtomicUsize::new(0);
         let switcher_done = AtomicBool::new(false);
-        let chaos = under_chaos(ADDERS + 1, Hook::AddPrivate, |t, _| {
+        let chaos = under_chaos(ADDERS + 1, Hook::AddPrivate, |t, chaos_rounds| {
             if t == ADDERS {
                 // The switcher. Adders run until it is done, even if it panics.
                 struct Done<'a>(&'a AtomicBool);
@@ -560,7 +627,15 @@ mod chaos {
                     }
                 }
                 let _done = Done(&switcher_done);
-                for _ in 0..ROUNDS {
+                for round in 0.. {
+                    if round >= ROUNDS && chaos_rounds.load(SeqCst) >= MIN_CHAOS_ROUNDS {
+                        break;
+                    }
+                    if round % 2 == 0 {
+                        // Adders now fault on their next commit, inside
+                        // their sequences, as the gate closes.
+                        arena.evict();
+                    }
                     close(&gate);
                     let snapshot = arena.column(2);
                     let refused_at_close = refused.load(SeqCst);
@@ -625,6 +700,7 @@ mod chaos {
         const ADDERS: usize = 3;
         const MIN_OPS: usize = 20_000;
         const ROUNDS: usize = if cfg!(debug_assertions) { 300 } else { 600 };
+        const MIN_CHAOS_ROUNDS: usize = 400;
         let arena = Arena::new();
         let gate = arena.gate(0);
         let current = AtomicUsize::new(0);
@@ -632,7 +708,7 @@ mod chaos {
             (AtomicI64::new(0), AtomicI64::new(0), AtomicI64::new(0));
         let dirty = AtomicUsize::new(0);
         let switcher_done = AtomicBool::new(false);
-        let chaos = under_chaos(ADDERS + 1, Hook::AddPrivate, |t, _| {
+        let chaos = under_chaos(ADDERS + 1, Hook::AddPrivate, |t, chaos_rounds| {
             if t == ADDERS {
                 struct Done<'a>(&'a AtomicBool);
                 impl Drop for Done<'_> {
@@ -641,7 +717,13 @@ mod chaos {
                     }
                 }
                 let _done = Done(&switcher_done);
-                for round in 0..ROUNDS {
+                for round in 0.. {
+                    if round >= ROUNDS && chaos_rounds.load(SeqCst) >= MIN_CHAOS_ROUNDS {
+                        break;
+                    }
+                    if round % 2 == 0 {
+                        arena.evict();
+                    }
                     close(&gate);
                     let col = current.load(SeqCst);
                     harvested.fetch_add(arena.sum(col), SeqCst);
