@@ -4,9 +4,9 @@
 //!
 //! # Exactness
 //!
-//! Every sequence reads the CPU id, checks it against the row count, reads
-//! its row's `len` and `gate` (one 8-byte load), and commits with a single
-//! store of the new `len`, the last instruction of its range. Before the
+//! Every sequence reads the CPU id, checks it against the row count, checks
+//! its row's `gate`, reads `len`, and commits with a single store of the
+//! new `len`, the last instruction of its range. Before the
 //! commit a push writes the item to `items[len]` (a batch push to
 //! `items[len..len + k]`), above the committed length, and a batch pop
 //! copies `items[len - k..len]` to the caller's buffer: both are invisible
@@ -44,7 +44,7 @@ pub(crate) const CAP: usize = 62;
 pub(super) const SHIFT: u32 = 8;
 
 /// One CPU's stack. The sequences use the field offsets: `len` at 0,
-/// `gate` at 4 (read together as one 8-byte word), `items` at 8.
+/// `gate` at 4, `items` at 8.
 #[repr(C, align(256))]
 struct Row {
     /// Items in use, `<= CAP`; the committing word of every sequence.

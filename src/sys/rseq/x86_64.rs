@@ -381,12 +381,14 @@ pub(super) unsafe fn limit_pairs(g: &Gate, column: *mut AtomicI64, iters: u64) -
 
 /// The per-CPU stack sequences of [`super::CpuStacks`]. Row layout (see
 /// `stack.rs`): `len: u32` at 0, `gate: u32` at 4, `items: [u32; CAP]` at
-/// 8, rows `1 << SHIFT` bytes apart. Each sequence reads `len` and `gate`
-/// with one 8-byte load, `t = len | gate << 32`: a closed gate makes `t`
-/// exceed any length bound, so one unsigned compare checks the gate, the
-/// bound and (for pop) emptiness. The commit is the store of the new
-/// `len`: a single instruction, the last of the range; writes before it go
-/// only to items above the committed `len` (push) or to the caller's
+/// 8, rows `1 << SHIFT` bytes apart. Each sequence checks `gate == 0`,
+/// then loads `len` with a 4-byte load (the previous sequence's commit was
+/// a 4-byte store of it: same size, so the load is store-forwarded; an
+/// 8-byte load of `len` and `gate` together stalls ~15 cycles on every
+/// operation) and checks it against `CAP` unsigned, which also refuses an
+/// empty stack for pop (`len - 1` wraps). The commit is the store of the
+/// new `len`: a single instruction, the last of the range; writes before
+/// it go only to items above the committed `len` (push) or to the caller's
 /// buffer (batch pop), which nobody else reads, so a restart only repeats
 /// them.
 #[cfg_attr(not(feature = "dax"), allow(dead_code))]
@@ -420,9 +422,11 @@ pub(super) mod stack {
                     "jae 6f",
                     "shl {row}, {shift}",
                     "add {row}, {rows}",
-                    "mov {t}, qword ptr [{row}]",  // len | gate << 32
-                    "sub {t}, 1",                  // len - 1 (wraps if 0)
-                    "cmp {t}, {cap_1}",            // open and 0 < len <= CAP?
+                    "cmp dword ptr [{row} + 4], 0", // gate open?
+                    "jne 6f",
+                    "mov {t:e}, dword ptr [{row}]", // len
+                    "sub {t}, 1",                   // len - 1 (wraps if 0)
+                    "cmp {t}, {cap_1}",             // 0 < len <= CAP?
                     "ja 6f",
                     "mov {item:e}, dword ptr [{row} + 4*{t} + 8]",
                     "mov dword ptr [{row}], {t:e}", // COMMIT len - 1
@@ -463,8 +467,10 @@ pub(super) mod stack {
                     "jae 6f",
                     "shl {row}, {shift}",
                     "add {row}, {rows}",
-                    "mov {t}, qword ptr [{row}]", // len | gate << 32
-                    "cmp {t}, {cap}",             // open and len < CAP?
+                    "cmp dword ptr [{row} + 4], 0", // gate open?
+                    "jne 6f",
+                    "mov {t:e}, dword ptr [{row}]", // len
+                    "cmp {t}, {cap}",               // len < CAP?
                     "jae 6f",
                     "mov dword ptr [{row} + 4*{t} + 8], {item:e}",
                     "add {t:e}, 1",
@@ -508,9 +514,11 @@ pub(super) mod stack {
                     "jae 6f",
                     "shl {row}, {shift}",
                     "add {row}, {rows}",
-                    "mov {t}, qword ptr [{row}]",   // len | gate << 32
+                    "cmp dword ptr [{row} + 4], 0", // gate open?
+                    "jne 6f",
+                    "mov {t:e}, dword ptr [{row}]", // len
                     "lea {new}, [{t} + {k}]",       // new len
-                    "cmp {new}, {cap}",             // open and fits?
+                    "cmp {new}, {cap}",             // fits?
                     "ja 6f",
                     "lea {t}, [{row} + 4*{t} + 8]", // &items[len]
                     "mov {j}, {k}",
@@ -555,8 +563,8 @@ pub(super) mod stack {
     pub(crate) unsafe fn pop_batch(rows: *mut u8, n: u32, out: &mut [u32]) -> bool {
         let off = resolved_offset();
         let row: usize;
-        // SAFETY: as in `pop`; `k <= len <= CAP` is checked before
-        // `items[len - k..len]` is copied to `out`, a live buffer of `k`
+        // SAFETY: as in `pop`; `k <= len` is checked (and `len <= CAP`
+        // always holds) before `items[len - k..len]` is copied to `out`, a live buffer of `k`
         // items that only this thread uses.
         unsafe {
             rseq_asm!(
@@ -567,9 +575,9 @@ pub(super) mod stack {
                     "jae 6f",
                     "shl {row}, {shift}",
                     "add {row}, {rows}",
-                    "mov {t}, qword ptr [{row}]",     // len | gate << 32
-                    "cmp {t}, {cap}",                 // open?
-                    "ja 6f",
+                    "cmp dword ptr [{row} + 4], 0",   // gate open?
+                    "jne 6f",
+                    "mov {t:e}, dword ptr [{row}]",   // len
                     "mov {new}, {t}",
                     "sub {new}, {k}",                 // new len
                     "jb 6f",                          // fewer than k
@@ -597,7 +605,6 @@ pub(super) mod stack {
                 j = out(reg) _,
                 x = out(reg) _,
                 shift = const SHIFT,
-                cap = const CAP,
                 options(nostack),
             );
         }
