@@ -10,7 +10,7 @@ use crate::sync::{AtomicI64, AtomicUsize, Ordering::*};
 #[repr(align(128))]
 struct Row([AtomicI64; ROW_STRIDE / 8]);
 
-/// A [`Gate`] open on a private column of per-CPU slots: what a `PercpuRef`
+/// A gate (`sys::rseq::Gate`) open on a private column of per-CPU slots: what a `PercpuRef`
 /// in percpu mode gives the sequences.
 pub struct GateBench {
     gate: Gate,

@@ -3,7 +3,7 @@
 //! exactness is in the parent module's docs; the per-sequence comments
 //! name what each instruction is for.
 //!
-//! Every sequence is built by [`rseq_asm!`] around the same frame: arm the
+//! Every sequence is built by `rseq_asm!` around the same frame: arm the
 //! descriptor, `start`, the body whose last instruction is the single
 //! commit, `post`; a cold section with the refusal exit (`6:`, then back to
 //! `post`) and the abort handler (after the signature, back to the arming);
