@@ -32,7 +32,7 @@
 //! # The counter sequence (x86_64)
 //!
 //! ```text
-//!   1:  lea   r, [rip + DESC]           ; (re)arm: the abort handler jumps here
+//!   2:  lea   r, [rip + DESC]           ; (re)arm: the abort handler jumps here
 //!       mov   fs:[off + 8], r           ; rseq->rseq_cs = &DESC
 //!   4:  mov   r32, fs:[off + 4]         ; start: r = rseq->cpu_id
 //!       cmp   r32, dword [gate]         ; gate->limit: gate, bound and tier at once
@@ -44,7 +44,7 @@
 //!   (cold section)
 //!   6:  xor   r32, r32 ; jmp 5b         ; refused: r = 0
 //!       .long RSEQ_SIG                  ; (inside a `ud1` encoding)
-//!   7:  jmp   1b                        ; abort: re-arm, restart from the top
+//!   7:  jmp   2b                        ; abort: re-arm, restart from the top
 //!   (__rseq_cs) DESC = { 0, 0, 4b, 5b - 4b, 7b }
 //! ```
 //!
@@ -52,10 +52,10 @@
 //! Intel cores measured this is the only form of a memory add that does not
 //! wait for the previous store to the same slot (a get and its put hit the
 //! same slot), see DESIGN.md §4. `off` is `__rseq_offset`, one load of a
-//! plain static. The result comes back in `r` (the row address is never 0),
-//! so no flag register is set and tested around the sequence, and `asm
-//! goto` (Rust 1.87, above this crate's MSRV) would save only the
-//! `test`/`jz` the caller does on `r`.
+//! static (`x86_64.rs` says how it is addressed). The result comes back in
+//! `r` (the row address is never 0), so no flag register is set and tested
+//! around the sequence; `asm goto` (Rust 1.87, above this crate's MSRV
+//! 1.86) would save only the `test`/`jz` the caller does on `r`.
 //!
 //! # Why an add is neither lost nor doubled
 //!

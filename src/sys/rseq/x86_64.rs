@@ -22,9 +22,14 @@ const UNRESOLVED: i64 = i64::MIN;
 /// [`OFFSET`] when glibc did not register an area.
 const ABSENT: i64 = i64::MIN + 1;
 
-/// `__rseq_offset`, or one of the two sentinels. A plain static of this
-/// crate: the sequences read it with one `rip`-relative load (checked with
-/// `objdump -d` of the benches; no GOT indirection).
+/// `__rseq_offset`, or one of the two sentinels. Each sequence reads it
+/// with one load. In code inlined into another crate rustc addresses a
+/// static of this crate through the GOT, a load of a constant that the
+/// compiler hoists out of loops (seen with `objdump -d` of
+/// `benches/percpu.rs`: one `mov` of the offset per sequence, the GOT load
+/// before the loop). Naming the static in the asm with a `sym` operand
+/// would drop the GOT load everywhere, but needs a PC-relative relocation
+/// against an exported symbol, which a Rust `dylib` link refuses.
 static OFFSET: AtomicI64 = AtomicI64::new(UNRESOLVED);
 /// Rows of the slot arena (`possible()` CPUs) for the legacy
 /// [`percpu_add`], stored before [`available`] first returns `true`; 0
