@@ -156,6 +156,21 @@ impl Counter for GateAddImm {
     }
 }
 
+/// As [`GateAddImm`] with the rseq area offset kept in a register, as a
+/// reference handle carrying the crate's `Area` token would keep it:
+/// `add_imm_in`.
+struct GateAddImmArea(GateBench);
+
+impl Counter for GateAddImmArea {
+    fn run(&self, _worker: usize, iters: u64) {
+        let g = black_box(&self.0);
+        let area = g.area().expect("the rseq tier is available");
+        for _ in 0..iters {
+            g.get_put_in(area);
+        }
+    }
+}
+
 /// The physical limit for these semantics: a bare gated sequence pair with
 /// every input in a register (arm store, cpu-id load, compare with the
 /// gate's limit in memory, row address, immediate commit).
@@ -215,7 +230,8 @@ pub(crate) fn core_contenders() -> Vec<Contender> {
 }
 
 /// [`core_contenders`] plus `tryget_live`+drop for every tier, the
-/// sequences alone (`gate_add_imm`) and the `limit` contender where the
+/// sequences alone (`gate_add_imm`, `gate_add_imm_area`) and the `limit`
+/// contender where the
 /// rseq tier is available, and `crossbeam_epoch::pin` (feature `epoch`):
 /// the criterion suite.
 pub(crate) fn all_contenders() -> Vec<Contender> {
@@ -236,6 +252,10 @@ pub(crate) fn all_contenders() -> Vec<Contender> {
         v.push(Contender {
             name: "gate_add_imm",
             make: Box::new(move |t| Box::new(GateAddImm(gate(t)))),
+        });
+        v.push(Contender {
+            name: "gate_add_imm_area",
+            make: Box::new(move |t| Box::new(GateAddImmArea(gate(t)))),
         });
         v.push(Contender {
             name: "limit",

@@ -58,6 +58,26 @@ impl GateBench {
         }
     }
 
+    /// The area token to pass to [`GateBench::get_put_in`], or `None`
+    /// without the rseq tier.
+    pub fn area(&self) -> Option<BenchArea> {
+        super::Area::get().map(BenchArea)
+    }
+
+    /// [`GateBench::get_put`] with the area offset from `area` (keep it in a
+    /// local, as a reference handle would carry it): `add_imm_in`.
+    #[inline]
+    pub fn get_put_in(&self, area: BenchArea) {
+        // SAFETY: as in `get_put`; `area` came from `Area::get`.
+        if !unsafe { super::add_imm_in::<1>(area.0, &self.gate) } {
+            self.refuse();
+        }
+        // SAFETY: as above.
+        if !unsafe { super::add_imm_in::<-1>(area.0, &self.gate) } {
+            self.refuse();
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn refuse(&self) {
@@ -103,6 +123,11 @@ impl std::fmt::Debug for GateBench {
             .finish()
     }
 }
+
+/// The rseq area token ([`GateBench::area`]): the area's offset from the
+/// thread pointer, `Copy`, one register.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchArea(super::Area);
 
 /// The current CPU from the rseq area (`None` without one).
 #[inline]

@@ -35,6 +35,32 @@ pub(super) unsafe fn add(_g: &Gate, _d: i64) -> bool {
 ///
 /// None needed.
 #[inline(always)]
+pub(super) unsafe fn add_imm_off<const D: i64>(_off: i64, _g: &Gate) -> bool {
+    false
+}
+
+/// Adds nothing, as [`add_imm`].
+///
+/// # Safety
+///
+/// None needed.
+#[inline(always)]
+pub(super) unsafe fn add_off(_off: i64, _g: &Gate, _d: i64) -> bool {
+    false
+}
+
+/// Never called: there is no area here ([`available`] is `false`).
+#[inline(always)]
+pub(super) fn resolved_offset() -> i64 {
+    0
+}
+
+/// Adds nothing, as [`add_imm`].
+///
+/// # Safety
+///
+/// None needed.
+#[inline(always)]
 pub(super) unsafe fn percpu_add(
     _slot0: *mut i64,
     _stride_bytes: usize,

@@ -219,6 +219,18 @@ mod chaos {
         unsafe { add(g, d) }
     }
 
+    fn add_imm_in_on<const D: i64>(g: &Gate) -> bool {
+        let area = Area::get().expect("the tests checked rseq_available()");
+        // SAFETY: as in `add_imm_on`.
+        unsafe { add_imm_in::<D>(area, g) }
+    }
+
+    fn add_in_on(g: &Gate, d: i64) -> bool {
+        let area = Area::get().expect("the tests checked rseq_available()");
+        // SAFETY: as in `add_imm_on`.
+        unsafe { add_in(area, g, d) }
+    }
+
     fn rseq_or_skip() -> bool {
         let ok = rseq_available();
         if !ok {
@@ -517,6 +529,8 @@ mod chaos {
                 assert!(add_imm_on::<-2>(&g));
                 assert!(add_on(&g, 1 << 40));
                 assert!(add_on(&g, -(1 << 40)));
+                assert!(add_imm_in_on::<3>(&g));
+                assert!(add_in_on(&g, -3));
                 assert_eq!(arena.column(3)[core.id], before + 4, "not this CPU's row");
             }));
         }
@@ -529,6 +543,8 @@ mod chaos {
         close(&g);
         assert!(!add_imm_on::<1>(&g));
         assert!(!add_on(&g, 1));
+        assert!(!add_imm_in_on::<1>(&g));
+        assert!(!add_in_on(&g, 1));
         // A limit of 1 admits CPU 0 only.
         g.limit.store(1, Release);
         for core in core_ids() {
@@ -536,7 +552,8 @@ mod chaos {
         }
     }
 
-    /// Threads add through the sequences (`add_imm` of both signs, `add`)
+    /// Threads add through the sequences (`add_imm` of both signs,
+    /// `add_imm_in`, `add`)
     /// while migrated, preempted and signalled, and the signal handler adds
     /// to the same column as the interrupted threads.
     #[test]
@@ -553,14 +570,22 @@ mod chaos {
         let (net, count) = (arena.gate(0), arena.gate(1));
         let (ops, expected_net) = (AtomicI64::new(0), AtomicI64::new(0));
         let chaos = under_chaos(THREADS, Hook::AddTo(&count), |_, rounds| {
+            let area = Area::get().unwrap();
             let (mut i, mut sum) = (0usize, 0i64);
             while i < MIN_OPS || rounds.load(SeqCst) < MIN_ROUNDS {
                 for _ in 0..1000 {
                     // +1 +1 -1 +2 -1 ... on `net`; `count` gets +1 per op,
                     // so a lost or doubled add of either sign shows.
                     let d = match i % 5 {
-                        0 | 1 => {
+                        0 => {
                             assert!(add_imm_on::<1>(&net));
+                            1
+                        }
+                        1 => {
+                            // SAFETY: as in `add_imm_on`; `area` stays in a
+                            // register across the loop, as in a handle.
+                            let added = unsafe { add_imm_in::<1>(area, &net) };
+                            assert!(added);
                             1
                         }
                         3 => {

@@ -182,8 +182,16 @@ pub(super) fn current_cpu() -> Option<usize> {
 /// As for [`super::add_imm`].
 #[inline(always)]
 pub(super) unsafe fn add_imm<const D: i64>(g: &Gate) -> bool {
+    // SAFETY: forwarded; the offset is the resolved one.
+    unsafe { add_imm_off::<D>(resolved_offset(), g) }
+}
+
+/// # Safety
+///
+/// As for [`super::add_imm`], and `off` is the resolved area offset.
+#[inline(always)]
+pub(super) unsafe fn add_imm_off<const D: i64>(off: i64, g: &Gate) -> bool {
     const { assert!(D as i32 as i64 == D, "add_imm's delta must fit an i32") };
-    let off = resolved_offset();
     let row: usize;
     // SAFETY: the rseq area is registered for this thread at fs:off (glibc
     // registers every thread it creates; precondition); writing `rseq_cs`
@@ -222,7 +230,15 @@ pub(super) unsafe fn add_imm<const D: i64>(g: &Gate) -> bool {
 #[allow(dead_code)] // as `super::add`
 #[inline(always)]
 pub(super) unsafe fn add(g: &Gate, d: i64) -> bool {
-    let off = resolved_offset();
+    // SAFETY: forwarded; the offset is the resolved one.
+    unsafe { add_off(resolved_offset(), g, d) }
+}
+
+/// # Safety
+///
+/// As for [`super::add_imm`], and `off` is the resolved area offset.
+#[inline(always)]
+pub(super) unsafe fn add_off(off: i64, g: &Gate, d: i64) -> bool {
     let row: usize;
     // SAFETY: as in `add_imm`.
     unsafe {
