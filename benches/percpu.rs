@@ -3,6 +3,15 @@
 //! thread-local floor and `crossbeam_epoch::pin()`, on 1 thread and on all
 //! cores at once on one shared counter, threads pinned one per core.
 //!
+//! Where the rseq tier is available three more rows show how close the
+//! crate is to the hardware: `gate_add_imm` (the crate's `+1`/`-1`
+//! sequences on an open gate, with no `PercpuRef` logic around them),
+//! `gate_add_imm_area` (the same with the rseq area offset carried in a
+//! register, as a handle holding the `Area` token would) and `limit` (a
+//! bare gated sequence pair with every input in a register: the physical
+//! limit for these semantics). The summary prints every tier's ratio to
+//! `limit`.
+//!
 //! Run: `cargo bench --bench percpu` (quick look:
 //! `cargo bench --bench percpu -- --warm-up-time 1 --measurement-time 2`).
 //! Criterion reports time per iteration, where one iteration is one get+put
@@ -83,6 +92,23 @@ fn summary(results: &report::Results, cores: &[core_affinity::CoreId]) {
             report::ns(t(name, n)),
             report::ratio(t(name, 1), t(name, n)).trim_end_matches('×'),
         );
+    }
+    if t("limit", 1).is_some() {
+        let mut rows: Vec<&str> = PERCPU_TIERS.iter().map(|t| t.name).collect();
+        rows.extend([
+            "gate_add_imm",
+            "gate_add_imm_area",
+            "tls_floor",
+            "arc",
+            "sharded",
+        ]);
+        for name in rows {
+            println!(
+                "{name} ÷ limit: {} (1 thread), {} ({n} threads)",
+                report::ratio(t(name, 1), t("limit", 1)),
+                report::ratio(t(name, n), t("limit", n)),
+            );
+        }
     }
     for tier in PERCPU_TIERS.iter().map(|t| t.name) {
         println!(

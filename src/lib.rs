@@ -105,6 +105,16 @@ pub fn init() -> Tier {
     }
 }
 
+/// Not API: hooks for this crate's own benchmarks (`benches/`), which may
+/// only use public items. Hidden; may change in any release.
+#[doc(hidden)]
+#[cfg(not(percpu_ref_model))]
+pub mod __bench {
+    #[cfg(feature = "dax")]
+    pub use crate::dax::free::FreeLists;
+    pub use crate::sys::rseq::bench::*;
+}
+
 /// Bytes of per-CPU counter memory a [`PercpuRef`] holds on this machine
 /// while it counts per CPU (8 bytes per possible CPU), besides its 32-byte
 /// header. Atomic and dead refs hold none.

@@ -7,19 +7,15 @@
 //! find a thread-local slot) happens before the loop, outside the pairs.
 
 use crossbeam_utils::CachePadded;
+use percpu_ref::__bench::GateBench;
 use percpu_ref::{NoRelease, PercpuRef};
 use std::cell::Cell;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-/// A reference count under test.
-pub(crate) trait Counter: Sync {
-    /// Run `iters` get+put pairs as worker `worker` (`< threads` given to
-    /// the constructor).
-    fn run(&self, worker: usize, iters: u64);
-}
+mod run;
+pub(crate) use run::*;
 
 /// A named way to build a [`Counter`] for a given number of threads.
 pub(crate) struct Contender {
@@ -147,6 +143,45 @@ impl Counter for TlsFloor {
     }
 }
 
+/// The crate's sequences alone: `add_imm::<1>` + `add_imm::<-1>` on an
+/// open gate, no `PercpuRef` logic around them.
+struct GateAddImm(GateBench);
+
+impl Counter for GateAddImm {
+    fn run(&self, _worker: usize, iters: u64) {
+        let g = black_box(&self.0);
+        for _ in 0..iters {
+            g.get_put();
+        }
+    }
+}
+
+/// As [`GateAddImm`] with the rseq area offset kept in a register, as a
+/// reference handle carrying the crate's `Area` token would keep it:
+/// `add_imm_in`.
+struct GateAddImmArea(GateBench);
+
+impl Counter for GateAddImmArea {
+    fn run(&self, _worker: usize, iters: u64) {
+        let g = black_box(&self.0);
+        let area = g.area().expect("the rseq tier is available");
+        for _ in 0..iters {
+            g.get_put_in(area);
+        }
+    }
+}
+
+/// The physical limit for these semantics: a bare gated sequence pair with
+/// every input in a register (arm store, cpu-id load, compare with the
+/// gate's limit in memory, row address, immediate commit).
+struct Limit(GateBench);
+
+impl Counter for Limit {
+    fn run(&self, _worker: usize, iters: u64) {
+        assert_eq!(self.0.limit_pairs(iters), 0, "an open gate refused");
+    }
+}
+
 /// `crossbeam_epoch::pin()` + drop of the guard.
 #[cfg(feature = "epoch")]
 struct EpochPin;
@@ -194,8 +229,11 @@ pub(crate) fn core_contenders() -> Vec<Contender> {
     v
 }
 
-/// [`core_contenders`] plus `tryget_live`+drop for every tier and
-/// `crossbeam_epoch::pin` (feature `epoch`): the criterion suite.
+/// [`core_contenders`] plus `tryget_live`+drop for every tier, the
+/// sequences alone (`gate_add_imm`, `gate_add_imm_area`) and the `limit`
+/// contender where the
+/// rseq tier is available, and `crossbeam_epoch::pin` (feature `epoch`):
+/// the criterion suite.
 pub(crate) fn all_contenders() -> Vec<Contender> {
     let mut v = core_contenders();
     let tiers = PERCPU_TIERS.len();
@@ -209,62 +247,25 @@ pub(crate) fn all_contenders() -> Vec<Contender> {
             },
         );
     }
+    if GateBench::new().is_some() {
+        let gate = |_| GateBench::new().expect("the rseq tier stays available");
+        v.push(Contender {
+            name: "gate_add_imm",
+            make: Box::new(move |t| Box::new(GateAddImm(gate(t)))),
+        });
+        v.push(Contender {
+            name: "gate_add_imm_area",
+            make: Box::new(move |t| Box::new(GateAddImmArea(gate(t)))),
+        });
+        v.push(Contender {
+            name: "limit",
+            make: Box::new(move |t| Box::new(Limit(gate(t)))),
+        });
+    }
     #[cfg(feature = "epoch")]
     v.push(Contender {
         name: "epoch_pin",
         make: Box::new(|_| Box::new(EpochPin)),
     });
     v
-}
-
-/// The cores to pin workers to, worker `i` on `cores[i % len]`; empty if
-/// the platform cannot tell (workers then run unpinned).
-pub(crate) fn cores() -> Vec<core_affinity::CoreId> {
-    core_affinity::get_core_ids().unwrap_or_default()
-}
-
-/// Pin the calling thread as worker `i`; false if pinning failed.
-pub(crate) fn pin(cores: &[core_affinity::CoreId], i: usize) -> bool {
-    !cores.is_empty() && core_affinity::set_for_current(cores[i % cores.len()])
-}
-
-/// Run `iters` pairs on each of `threads` workers pinned one per core, all
-/// started together by a barrier, and return the slowest worker's time.
-/// Worker 0 is the calling thread (already pinned to `cores[0]`), so
-/// `threads` threads share `threads` cores; the others are started here,
-/// once per call (one criterion sample), outside the timed part.
-pub(crate) fn run_pinned(
-    counter: &dyn Counter,
-    threads: usize,
-    iters: u64,
-    cores: &[core_affinity::CoreId],
-) -> Duration {
-    if threads <= 1 {
-        let t0 = Instant::now();
-        counter.run(0, iters);
-        return t0.elapsed();
-    }
-    let barrier = Barrier::new(threads);
-    let timed = |worker: usize| {
-        barrier.wait();
-        let t0 = Instant::now();
-        counter.run(worker, iters);
-        t0.elapsed()
-    };
-    std::thread::scope(|s| {
-        let others: Vec<_> = (1..threads)
-            .map(|w| {
-                let timed = &timed;
-                s.spawn(move || {
-                    pin(cores, w);
-                    timed(w)
-                })
-            })
-            .collect();
-        let mine = timed(0);
-        others
-            .into_iter()
-            .map(|h| h.join().expect("benchmark worker panicked"))
-            .fold(mine, Duration::max)
-    })
 }

@@ -29,7 +29,7 @@
 
 mod backend;
 mod error;
-mod free;
+pub(crate) mod free;
 mod options;
 mod pool;
 mod region;

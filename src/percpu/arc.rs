@@ -28,7 +28,7 @@
 //! value is alive. The free is done by the caller of the put through the
 //! raw pointer, after every borrow of the ref has ended.
 
-use super::counter::{AfterPut, PercpuRef};
+use super::counter::{self, AfterPut, Area, PercpuRef};
 use super::policy::{NoRelease, ReleasePolicy};
 use super::state::*;
 use super::Builder;
@@ -142,7 +142,8 @@ impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
     #[inline]
     #[must_use = "dropping the OwnedRef puts it at once"]
     pub fn tryget_owned(&self) -> Option<OwnedRef<T, P>> {
-        self.tryget_one(false).then(|| OwnedRef { ptr: self.ptr() })
+        self.tryget_one(false)
+            .map(|area| OwnedRef { ptr: self.ptr(), area })
     }
 
     /// [`tryget_live`](PercpuRef::tryget_live) as an owned, `'static`
@@ -151,7 +152,8 @@ impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
     #[inline]
     #[must_use = "dropping the OwnedRef puts it at once"]
     pub fn tryget_live_owned(&self) -> Option<OwnedRef<T, P>> {
-        self.tryget_one(true).then(|| OwnedRef { ptr: self.ptr() })
+        self.tryget_one(true)
+            .map(|area| OwnedRef { ptr: self.ptr(), area })
     }
 
     /// Number of handles (owners) right now; a snapshot.
@@ -277,6 +279,8 @@ pub struct OwnedRef<T, P: ReleasePolicy<T> = NoRelease> {
     /// Into a `PercpuArc` allocation (with its provenance); we hold one
     /// count on the ref.
     ptr: NonNull<PercpuRef<T, P>>,
+    /// As in `Ref`: no load before the restartable sequence.
+    area: Area,
 }
 
 // SAFETY: as for `PercpuArc`: a shared reference to the ref whose final
@@ -317,6 +321,7 @@ impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
         OwnedRef {
             // SAFETY: from `into_raw`, never null.
             ptr: unsafe { NonNull::new_unchecked(p.cast_mut()) },
+            area: counter::area(),
         }
     }
 }
@@ -324,15 +329,18 @@ impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
 impl<T, P: ReleasePolicy<T>> Clone for OwnedRef<T, P> {
     #[inline(always)]
     fn clone(&self) -> Self {
-        self.r().get_one();
-        OwnedRef { ptr: self.ptr }
+        self.r().get_one(self.area);
+        OwnedRef {
+            ptr: self.ptr,
+            area: self.area,
+        }
     }
 }
 
 impl<T, P: ReleasePolicy<T>> Drop for OwnedRef<T, P> {
     #[inline(always)]
     fn drop(&mut self) {
-        let after = self.r().put_one();
+        let after = self.r().put_one(self.area);
         // SAFETY: `free` is set only for the put that finished the release
         // of an orphaned ref, i.e. this one; the borrow above has ended and
         // `self.ptr` is not used again.

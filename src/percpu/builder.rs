@@ -4,7 +4,7 @@ use super::arc::PercpuArc;
 use super::counter::{Gate, PercpuRef};
 use super::policy::{NoRelease, ReleasePolicy};
 use super::state::*;
-use crate::sync::{AtomicI64, AtomicPtr, AtomicU32};
+use crate::sync::{AtomicI64, AtomicU32};
 
 /// Builder for a [`PercpuRef`] or [`PercpuArc`]; see [`PercpuRef::builder`].
 ///
@@ -138,11 +138,7 @@ impl<T, P: ReleasePolicy<T>> Builder<T, P> {
             state |= ALLOW_REINIT;
         }
         let r = PercpuRef {
-            gate: Gate {
-                limit: AtomicU32::new(0),
-                word: AtomicU32::new(state),
-                column: AtomicPtr::new(std::ptr::null_mut()),
-            },
+            gate: Gate::new(state),
             central: AtomicI64::new(if self.dead { 0 } else { 1 }),
             key: AtomicU32::new(0),
             heat: AtomicU32::new(0),

@@ -46,18 +46,32 @@ use crate::sync::{fence, AtomicI64, AtomicU32, Ordering::*};
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-#[cfg(not(percpu_ref_model))]
-use crate::sys::gate_stub as seq;
-#[cfg(not(percpu_ref_model))]
-pub(crate) use crate::sys::gate_stub::Gate;
+pub(crate) use crate::sys::rseq::Gate;
+#[cfg(percpu_ref_rseq)]
+use crate::sys::rseq as seq;
 
-/// Under a model checker: the gate's layout, no sequences.
-#[cfg(percpu_ref_model)]
-#[repr(C)]
-pub(crate) struct Gate {
-    pub(crate) limit: AtomicU32,
-    pub(crate) word: AtomicU32,
-    pub(crate) column: crate::sync::AtomicPtr<AtomicI64>,
+/// What a reference handle carries so that its get and put need no load
+/// before the restartable sequence: the rseq area token (4 bytes; `None`
+/// where the tier is not available at run time). Zero-sized on builds
+/// without the rseq tier.
+#[cfg(percpu_ref_rseq)]
+pub(crate) type Area = Option<seq::Area>;
+/// See the rseq build's `Area`.
+#[cfg(not(percpu_ref_rseq))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Area;
+
+/// The [`Area`] of this process (a token to keep next to a reference).
+#[inline(always)]
+pub(crate) fn area() -> Area {
+    #[cfg(percpu_ref_rseq)]
+    {
+        seq::Area::get()
+    }
+    #[cfg(not(percpu_ref_rseq))]
+    {
+        Area
+    }
 }
 
 /// Central updates of an adaptive ref that found the count changed under
@@ -284,23 +298,29 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     /// Add `d > 0` references; the caller holds one, so the count is > 0.
     #[inline(always)]
     pub(crate) fn add(&self, d: i64) {
-        #[cfg(not(percpu_ref_model))]
-        // SAFETY: the gate's column is open only while the ref's slots are
-        // counted by sequences (lifecycle.rs keeps the protocol of
-        // `sys::rseq`); a portable ref's limit is always 0.
-        if unsafe { seq::add(&self.gate, d) } {
+        #[cfg(percpu_ref_rseq)]
+        // SAFETY: the tier is available (checked first); the gate's column
+        // is open only while the ref's slots are counted by sequences
+        // (lifecycle.rs keeps the protocol of `sys::rseq`: close, barrier,
+        // fold; publish column, then limit); a portable ref's limit is
+        // always 0.
+        if seq::rseq_available() && unsafe { seq::add(&self.gate, d) } {
             return;
         }
         self.add_slow(d);
     }
 
+    /// A get through a reference handle that carries `area`.
     #[inline(always)]
-    pub(crate) fn get_one(&self) {
-        #[cfg(not(percpu_ref_model))]
-        // SAFETY: as in `add`.
-        if unsafe { seq::add_imm::<1>(&self.gate) } {
-            return;
+    pub(crate) fn get_one(&self, area: Area) {
+        #[cfg(percpu_ref_rseq)]
+        if let Some(a) = area {
+            // SAFETY: `a` proves the tier; the gate protocol as in `add`.
+            if unsafe { seq::add_imm_in::<1>(a, &self.gate) } {
+                return;
+            }
         }
+        let _ = area;
         self.add_slow(1);
     }
 
@@ -327,22 +347,26 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     /// Drop `d > 0` references.
     #[inline(always)]
     pub(crate) fn sub(&self, d: i64) -> AfterPut {
-        #[cfg(not(percpu_ref_model))]
+        #[cfg(percpu_ref_rseq)]
         // SAFETY: as in `add`. Ordering: the fold runs after membarrier,
         // which orders every committed add before it.
-        if unsafe { seq::add(&self.gate, -d) } {
+        if seq::rseq_available() && unsafe { seq::add(&self.gate, -d) } {
             return AfterPut::NOTHING;
         }
         self.sub_slow(d)
     }
 
+    /// A put through a reference handle that carries `area`.
     #[inline(always)]
-    pub(crate) fn put_one(&self) -> AfterPut {
-        #[cfg(not(percpu_ref_model))]
-        // SAFETY: as in `sub`.
-        if unsafe { seq::add_imm::<-1>(&self.gate) } {
-            return AfterPut::NOTHING;
+    pub(crate) fn put_one(&self, area: Area) -> AfterPut {
+        #[cfg(percpu_ref_rseq)]
+        if let Some(a) = area {
+            // SAFETY: as in `get_one`; ordering as in `sub`.
+            if unsafe { seq::add_imm_in::<-1>(a, &self.gate) } {
+                return AfterPut::NOTHING;
+            }
         }
+        let _ = area;
         self.sub_slow(1)
     }
 
@@ -356,17 +380,21 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     }
 
     /// Take a reference if the count is not zero (`live`: and the ref not
-    /// killed).
+    /// killed); `Some` carries the area token for the new handle.
     #[inline(always)]
-    pub(crate) fn tryget_one(&self, live: bool) -> bool {
-        #[cfg(not(percpu_ref_model))]
-        // SAFETY: as in `add`. A committed add means the gate was open
-        // inside the sequence, so the kill's membarrier (after it closed
-        // the gate) had not yet passed: the fold counts this reference.
-        if unsafe { seq::add_imm::<1>(&self.gate) } {
-            return true;
+    pub(crate) fn tryget_one(&self, live: bool) -> Option<Area> {
+        let area = area();
+        #[cfg(percpu_ref_rseq)]
+        if let Some(a) = area {
+            // SAFETY: as in `get_one`. A committed add means the gate was
+            // open inside the sequence, so the kill's membarrier (after it
+            // closed the gate) had not yet passed: the fold counts this
+            // reference.
+            if unsafe { seq::add_imm_in::<1>(a, &self.gate) } {
+                return Some(area);
+            }
         }
-        self.tryget_slow(live)
+        self.tryget_slow(live).then_some(area)
     }
 
     #[cfg_attr(percpu_ref_rseq, cold, inline(never))]

@@ -62,8 +62,11 @@ mod tests {
     fn header_is_32_bytes() {
         // gate (limit 4 + state 4 + column 8) + central 8 + key 4 + heat 4.
         assert_eq!(std::mem::size_of::<PercpuRef<(), ()>>(), 32);
-        assert_eq!(std::mem::size_of::<Ref<'_, (), policy::NoRelease>>(), 8);
-        assert_eq!(std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(), 8);
+        // A pointer, plus the 4-byte rseq area token where that tier exists.
+        let handle = if cfg!(percpu_ref_rseq) { 16 } else { 8 };
+        assert_eq!(std::mem::size_of::<Ref<'_, (), policy::NoRelease>>(), handle);
+        assert_eq!(std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(), handle);
+        assert_eq!(std::mem::size_of::<Option<Ref<'_, (), policy::NoRelease>>>(), handle);
     }
 }
 

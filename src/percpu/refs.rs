@@ -1,7 +1,7 @@
 //! Taking references: `tryget*`, raw `get_many`/`put_many`, and the
 //! borrowed [`Ref`] handle.
 
-use super::counter::PercpuRef;
+use super::counter::{self, Area, PercpuRef};
 use super::policy::{NoRelease, ReleasePolicy};
 use std::fmt;
 use std::mem::ManuallyDrop;
@@ -16,7 +16,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     #[must_use = "dropping the Ref puts it at once"]
     pub fn tryget(&self) -> Option<Ref<'_, T, P>> {
-        self.tryget_one(false).then(|| Ref { r: self })
+        self.tryget_one(false).map(|area| Ref { r: self, area })
     }
 
     /// Take a reference only if the ref was not killed
@@ -31,7 +31,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     #[must_use = "dropping the Ref puts it at once"]
     pub fn tryget_live(&self) -> Option<Ref<'_, T, P>> {
-        self.tryget_one(true).then(|| Ref { r: self })
+        self.tryget_one(true).map(|area| Ref { r: self, area })
     }
 
     /// Add `n` raw references (`percpu_ref_get_many`), e.g. one per object a
@@ -95,6 +95,9 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
 #[must_use = "dropping a Ref puts it at once"]
 pub struct Ref<'a, T, P: ReleasePolicy<T> = NoRelease> {
     r: &'a PercpuRef<T, P>,
+    /// Kept next to the pointer so clone and drop need no load before
+    /// their restartable sequence.
+    area: Area,
 }
 
 impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
@@ -121,22 +124,28 @@ impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
     /// [`into_raw`](Self::into_raw) or [`PercpuRef::get_many`]); it is
     /// consumed.
     pub unsafe fn from_raw(r: &'a PercpuRef<T, P>) -> Self {
-        Ref { r }
+        Ref {
+            r,
+            area: counter::area(),
+        }
     }
 }
 
 impl<T, P: ReleasePolicy<T>> Clone for Ref<'_, T, P> {
     #[inline(always)]
     fn clone(&self) -> Self {
-        self.r.get_one();
-        Ref { r: self.r }
+        self.r.get_one(self.area);
+        Ref {
+            r: self.r,
+            area: self.area,
+        }
     }
 }
 
 impl<T, P: ReleasePolicy<T>> Drop for Ref<'_, T, P> {
     #[inline(always)]
     fn drop(&mut self) {
-        let after = self.r.put_one();
+        let after = self.r.put_one(self.area);
         // The borrow keeps an owner alive, so nothing is ours to free.
         debug_assert!(!after.free);
         after.rethrow();

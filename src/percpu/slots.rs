@@ -40,7 +40,7 @@ use crate::sync::AtomicI64;
 use std::ptr::NonNull;
 
 #[cfg(not(percpu_ref_model))]
-pub(crate) use crate::sys::gate_stub::ROW_STRIDE;
+pub(crate) use crate::sys::rseq::ROW_STRIDE;
 
 /// Columns per arena chunk (one `ROW_STRIDE` row holds this many slots).
 #[cfg(not(percpu_ref_model))]

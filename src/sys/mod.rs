@@ -1,4 +1,4 @@
-//! The only place with syscalls, sysfs probing and (later) inline asm.
+//! The only place with syscalls, sysfs probing and inline asm.
 //!
 //! Everything above this module is portable Rust. Each submodule has a
 //! portable fallback that loom and Miri check; the Linux fast paths are thin
@@ -8,8 +8,6 @@
 #[cfg_attr(percpu_ref_model, allow(dead_code))]
 pub(crate) mod cpu;
 // Mappings, memfd, write-back, sysfs probing, cache-line flush (the pool).
-#[cfg_attr(percpu_ref_model, allow(dead_code))]
-pub(crate) mod gate_stub;
 #[cfg(all(feature = "dax", not(percpu_ref_model)))]
 pub(crate) mod mem;
 #[cfg(percpu_ref_rseq)]
