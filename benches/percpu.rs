@@ -111,6 +111,15 @@ fn summary(results: &report::Results, cores: &[core_affinity::CoreId]) {
         }
     }
     for tier in PERCPU_TIERS.iter().map(|t| t.name) {
+        // Every way of taking a reference against `Ref` clone + drop.
+        for way in ["tryget", "tryget_live", "owned", "owned_clone"] {
+            let name = format!("{tier}_{way}");
+            println!(
+                "{name} ÷ {tier}: {} (1 thread), {} ({n} threads)",
+                report::ratio(t(&name, 1), t(tier, 1)),
+                report::ratio(t(&name, n), t(tier, n)),
+            );
+        }
         println!(
             "{tier}: arc ÷ {tier} {} (1 thread), {} ({n} threads); \
              {tier} ÷ tls_floor {} (1 thread), {} ({n} threads)",

@@ -8,7 +8,7 @@
 
 use crossbeam_utils::CachePadded;
 use percpu_ref::__bench::GateBench;
-use percpu_ref::{NoRelease, PercpuRef};
+use percpu_ref::{NoRelease, PercpuArc, PercpuRef};
 use std::cell::Cell;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
@@ -34,10 +34,12 @@ pub(crate) const PERCPU_TIERS: &[Tier] = &[
     Tier {
         name: "percpu_ref",
         new: || PercpuRef::new(0, NoRelease),
+        new_arc: || PercpuArc::new(0, NoRelease),
     },
     Tier {
         name: "percpu_ref_portable",
         new: || PercpuRef::builder(0).portable().build(),
+        new_arc: || PercpuRef::builder(0).portable().build_arc(),
     },
 ];
 
@@ -47,6 +49,8 @@ pub(crate) struct Tier {
     pub(crate) name: &'static str,
     /// Build a live ref in percpu mode.
     pub(crate) new: fn() -> PercpuRef<u64>,
+    /// The same as an owning handle, for owned references.
+    pub(crate) new_arc: fn() -> PercpuArc<u64>,
 }
 
 /// `Ref::clone` + drop on a `Ref` taken once per thread.
@@ -54,9 +58,11 @@ struct PercpuGetPut(PercpuRef<u64>);
 
 impl Counter for PercpuGetPut {
     fn run(&self, _worker: usize, iters: u64) {
-        let r = self.0.tryget().expect("the ref under test is live");
+        let r = black_box(&self.0)
+            .tryget()
+            .expect("the ref under test is live");
         for _ in 0..iters {
-            drop(black_box(r.clone()));
+            drop(r.clone()); // asm or atomics: never optimised away
         }
     }
 }
@@ -66,8 +72,48 @@ struct PercpuTrygetLive(PercpuRef<u64>);
 
 impl Counter for PercpuTrygetLive {
     fn run(&self, _worker: usize, iters: u64) {
+        let r = black_box(&self.0);
         for _ in 0..iters {
-            drop(black_box(self.0.tryget_live()));
+            drop(r.tryget_live());
+        }
+    }
+}
+
+/// `tryget` + drop.
+struct PercpuTryget(PercpuRef<u64>);
+
+impl Counter for PercpuTryget {
+    fn run(&self, _worker: usize, iters: u64) {
+        let r = black_box(&self.0);
+        for _ in 0..iters {
+            drop(r.tryget());
+        }
+    }
+}
+
+/// `tryget_live_owned` + drop on a shared `PercpuArc`: the `'static`
+/// reference async code holds.
+struct PercpuOwned(PercpuArc<u64>);
+
+impl Counter for PercpuOwned {
+    fn run(&self, _worker: usize, iters: u64) {
+        let r = black_box(&self.0);
+        for _ in 0..iters {
+            drop(r.tryget_live_owned());
+        }
+    }
+}
+
+/// `OwnedRef::clone` + drop on an owned reference taken once per thread.
+struct PercpuOwnedClone(PercpuArc<u64>);
+
+impl Counter for PercpuOwnedClone {
+    fn run(&self, _worker: usize, iters: u64) {
+        let o = black_box(&self.0)
+            .tryget_live_owned()
+            .expect("the ref under test is live");
+        for _ in 0..iters {
+            drop(o.clone());
         }
     }
 }
@@ -77,8 +123,9 @@ struct ArcCounter(Arc<u64>);
 
 impl Counter for ArcCounter {
     fn run(&self, _worker: usize, iters: u64) {
+        let a = black_box(&self.0);
         for _ in 0..iters {
-            drop(black_box(Arc::clone(&self.0)));
+            drop(Arc::clone(a)); // atomics: never optimised away
         }
     }
 }
@@ -200,7 +247,7 @@ impl Counter for EpochPin {
 pub(crate) fn core_contenders() -> Vec<Contender> {
     let mut v: Vec<Contender> = PERCPU_TIERS
         .iter()
-        .map(|&Tier { name, new }| Contender {
+        .map(|&Tier { name, new, .. }| Contender {
             name,
             make: Box::new(move |_| Box::new(PercpuGetPut(new()))),
         })
@@ -237,15 +284,33 @@ pub(crate) fn core_contenders() -> Vec<Contender> {
 pub(crate) fn all_contenders() -> Vec<Contender> {
     let mut v = core_contenders();
     let tiers = PERCPU_TIERS.len();
-    for (i, &Tier { name, new }) in PERCPU_TIERS.iter().enumerate() {
-        let name: &'static str = Box::leak(format!("{name}_tryget_live").into_boxed_str());
-        v.insert(
-            tiers + i,
+    let mut at = tiers;
+    for &Tier { name, new, new_arc } in PERCPU_TIERS {
+        let named = |suffix: &str| -> &'static str {
+            Box::leak(format!("{name}_{suffix}").into_boxed_str())
+        };
+        let more = [
             Contender {
-                name,
+                name: named("tryget"),
+                make: Box::new(move |_| Box::new(PercpuTryget(new()))),
+            },
+            Contender {
+                name: named("tryget_live"),
                 make: Box::new(move |_| Box::new(PercpuTrygetLive(new()))),
             },
-        );
+            Contender {
+                name: named("owned"),
+                make: Box::new(move |_| Box::new(PercpuOwned(new_arc()))),
+            },
+            Contender {
+                name: named("owned_clone"),
+                make: Box::new(move |_| Box::new(PercpuOwnedClone(new_arc()))),
+            },
+        ];
+        for c in more {
+            v.insert(at, c);
+            at += 1;
+        }
     }
     if GateBench::new().is_some() {
         let gate = |_| GateBench::new().expect("the rseq tier stays available");

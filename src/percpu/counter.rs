@@ -153,12 +153,20 @@ impl AfterPut {
         panic: None,
     };
 
-    /// Re-raise a panic of the release, if there was one.
+    /// Re-raise a panic of the release, if there was one. Inlined into
+    /// every put: for a put that released nothing it compiles to nothing.
+    #[inline(always)]
     pub(crate) fn rethrow(self) {
         if let Some(p) = self.panic {
-            std::panic::resume_unwind(p);
+            resume(p);
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn resume(p: Box<dyn Any + Send>) -> ! {
+    std::panic::resume_unwind(p)
 }
 
 /// A release claimed by this thread, to run once no lock is held.

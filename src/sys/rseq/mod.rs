@@ -262,7 +262,12 @@ pub(crate) fn portable_forced_by(value: Option<&std::ffi::OsStr>) -> bool {
 /// load.
 #[inline]
 pub(crate) fn rseq_available() -> bool {
-    imp::available()
+    let yes = imp::available();
+    #[cfg(percpu_ref_rseq)]
+    if yes && Area::get().is_none() {
+        Area::publish();
+    }
+    yes
 }
 
 /// Explicit early initialisation (registering `membarrier` before threads
@@ -319,19 +324,41 @@ pub(crate) struct Area {
     off: std::num::NonZeroI32,
 }
 
+/// The area offset once [`rseq_available`] found the tier available; 0
+/// before (or where it is not). Each `PercpuRef` is built after that call,
+/// so every reference handle taken on one finds it set.
+#[cfg(percpu_ref_rseq)]
+static AREA: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 impl Area {
-    /// `Some` where the rseq tier is available (see [`rseq_available`]).
-    #[inline]
+    /// `Some` where the rseq tier is available (see [`rseq_available`])
+    /// and was checked by this process: one load.
+    #[inline(always)]
     pub(crate) fn get() -> Option<Area> {
-        if !rseq_available() {
-            return None;
+        #[cfg(percpu_ref_rseq)]
+        {
+            // Relaxed: the offset is the only data this load carries; the
+            // sequences need nothing else from the thread that stored it
+            // (glibc registered every thread's area before user code ran).
+            let off = AREA.load(std::sync::atomic::Ordering::Relaxed);
+            std::num::NonZeroI32::new(off).map(|off| Area { off })
         }
+        #[cfg(not(percpu_ref_rseq))]
+        {
+            None
+        }
+    }
+
+    /// Publish the offset (once the tier is known to be available).
+    #[cfg(percpu_ref_rseq)]
+    fn publish() {
         // glibc's offsets are small (2336 on x86_64, -32 on aarch64); one
-        // that does not fit, or 0, leaves the caller on the slow path.
-        let off = i32::try_from(imp::resolved_offset()).ok()?;
-        Some(Area {
-            off: std::num::NonZeroI32::new(off)?,
-        })
+        // that does not fit an `i32`, or 0, leaves the handles without a
+        // token, on the slow path.
+        if let Ok(off) = i32::try_from(imp::resolved_offset()) {
+            // Relaxed: see `get`.
+            AREA.store(off, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

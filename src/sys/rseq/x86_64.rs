@@ -135,6 +135,7 @@ pub(super) fn resolved_offset() -> i64 {
     off
 }
 
+#[inline]
 pub(super) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
