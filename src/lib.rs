@@ -82,8 +82,8 @@ pub use percpu::policy::Deferred;
 pub use percpu::policy::OnRayon;
 pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
 pub use percpu::{
-    Builder, KillError, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReviveError, SwitchError, Tier,
-    Underflow,
+    kill_all, Builder, KillBatch, KillError, Killable, Mode, OwnedRef, PercpuArc, PercpuRef, Ref,
+    ReviveError, SwitchError, Tier, Underflow,
 };
 
 /// Set up the fast tier early: on Linux x86_64 this registers the process

@@ -245,6 +245,19 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
         })
     }
 
+    /// Batched switch to atomic, phase 1, under the lock: ask for atomic
+    /// mode and close the gate. The later phases are the kill's: the
+    /// barrier if `needs_barrier`, `kill_fold`, unlock, `kill_finish`.
+    pub(crate) fn switch_begin(&self) -> Killing {
+        // Relaxed: a flag read under the lock.
+        self.state().fetch_or(FORCE_ATOMIC, Relaxed);
+        Killing {
+            column: self.close_gate(),
+            claim: None,
+            folded: None,
+        }
+    }
+
     /// Kill, phase 2, under the lock, after the barrier if one was needed:
     /// fold the slots.
     pub(crate) fn kill_fold(&self, k: &mut Killing) {

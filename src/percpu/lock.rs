@@ -155,6 +155,33 @@ pub(crate) fn lock(word: &AtomicU32) {
     HELD.with(|h| h.borrow_mut().locks.push(a));
 }
 
+/// Take the switch locks of `words`, in the order given. A batch passes
+/// them sorted by address and without duplicates, so two batches (and any
+/// single-lock operation) always lock in one global order and cannot
+/// deadlock. The re-entrancy check runs once for the whole batch, so
+/// locking `n` refs costs `O(n)`, not `O(n^2)`.
+///
+/// # Panics
+///
+/// If this thread already holds one of them (see [`lock`]).
+pub(crate) fn lock_all(words: &[&AtomicU32]) {
+    HELD.with(|h| {
+        let h = h.borrow();
+        assert!(
+            !words.iter().any(|w| h.locks.contains(&addr(w))),
+            "percpu_ref: this thread already holds the switch lock of a ref in this batch: \
+             a batch must not be killed or switched from a kill_and_confirm callback of \
+             one of its refs (it would deadlock)"
+        );
+    });
+    for w in words {
+        while !try_lock_raw(w) {
+            wait_until(w, |s| s & LOCKED == 0);
+        }
+        HELD.with(|h| h.borrow_mut().locks.push(addr(w)));
+    }
+}
+
 /// Take the switch lock if it is free.
 pub(crate) fn try_lock(word: &AtomicU32) -> bool {
     let a = addr(word);

@@ -9,10 +9,12 @@
 //! | `slots` | per-CPU slot columns and their arena (both tiers) |
 //! | `refs` | `tryget*`, raw `get_many`/`put_many`, the borrowed `Ref` |
 //! | `arc` | `PercpuArc` (owning handle) and `OwnedRef` |
+//! | `batch` | `KillBatch`: many refs killed or switched with one barrier |
 //! | `builder` | `Builder` |
 //! | `policy`, `completion` | release policies |
 
 mod arc;
+mod batch;
 mod builder;
 mod completion;
 mod counter;
@@ -25,6 +27,7 @@ mod slots;
 mod state;
 
 pub use arc::{OwnedRef, PercpuArc};
+pub use batch::{kill_all, KillBatch, Killable};
 pub use builder::Builder;
 pub use counter::PercpuRef;
 pub use error::{KillError, ReviveError, SwitchError, Underflow};
