@@ -10,13 +10,19 @@
 //! each phase over all its refs before the next phase:
 //!
 //! ```text
-//!   lock all (by address) → begin all → one barrier → fold all → confirm
-//!     → put all → unlock all → run the releases that became due
+//!   pass 1, by address: lock, mark dead, close the gate
+//!   one barrier (if any ref needs it), then the confirm callback
+//!   pass 2: fold, drop the initial reference, unlock
+//!   pass 3: run the releases that became due (no lock held)
 //! ```
 //!
-//! Every ref keeps the guarantees of [`PercpuRef::kill_and_confirm`]: its
-//! phases run in the same order under its own lock, so its release runs
-//! exactly once, after the confirm callback, and its error is its own.
+//! Three passes, not one per phase: with other CPUs hammering the refs,
+//! each pass costs a cache miss per ref. Every ref keeps the guarantees of
+//! [`PercpuRef::kill_and_confirm`]: its phases run in the same order under
+//! its own lock (only the confirm point moves before the fold, which no
+//! `tryget_live` can observe: the ref is dead and its gate closed on every
+//! CPU once the barrier returned), so its release runs exactly once, after
+//! the confirm callback, and its error is its own.
 //!
 //! **No deadlock.** A batch holds all its locks at once, so it takes them in
 //! one global order (by the address of the ref's state word) and locks a
@@ -235,10 +241,10 @@ impl<'a> KillBatch<'a> {
     /// Per ref, as [`kill`](Self::kill).
     pub fn kill_and_confirm(&self, confirm: impl FnOnce()) -> Vec<Result<(), KillError>> {
         let mut results = vec![Err(KillError::AlreadyDead); self.members.len()];
-        let locked = self.lock();
-        let mut killing = Vec::with_capacity(locked.order.len());
+        let mut killing = Vec::with_capacity(self.members.len());
         let mut barrier = false;
-        for &i in &locked.order {
+        // Pass 1: lock each ref (by address) and mark it dead.
+        let mut locked = self.lock_each(|i| {
             let m = self.members[i];
             match m.batch_kill_begin() {
                 Ok(k) => {
@@ -247,18 +253,26 @@ impl<'a> KillBatch<'a> {
                 }
                 Err(e) => results[i] = Err(e),
             }
-        }
+        });
         if barrier {
             crate::sys::rseq::fence_all_cpus();
         }
-        for (i, k) in &mut killing {
-            self.members[*i].batch_fold(k);
-        }
+        // Every ref is dead and its gate closed on every CPU: the confirm
+        // point (the fold below changes nothing a `tryget_live` can see).
         let confirmed = catch_unwind(AssertUnwindSafe(confirm));
-        for (i, k) in &mut killing {
-            results[*i] = self.members[*i].batch_put(k);
+        // Pass 2, in locking order: fold, drop the initial reference,
+        // unlock. A ref that failed pass 1 is only unlocked.
+        let mut next = killing.iter_mut().peekable();
+        for n in 0..locked.order.len() {
+            let i = locked.order[n];
+            if let Some((_, k)) = next.next_if(|(j, _)| *j == i) {
+                self.members[i].batch_fold(k);
+                results[i] = self.members[i].batch_put(k);
+            }
+            locked.unlock_next();
         }
         drop(locked);
+        // Pass 3: the releases that became due, with no lock held.
         let panic = self.finish(killing);
         if let Err(p) = confirmed {
             resume_unwind(p);
@@ -274,20 +288,21 @@ impl<'a> KillBatch<'a> {
     /// until its own `switch_to_percpu`. Dead refs only remember the
     /// request (as the single-ref call).
     pub fn switch_to_atomic(&self) {
-        let locked = self.lock();
-        let mut switching = Vec::with_capacity(locked.order.len());
+        let mut switching = Vec::with_capacity(self.members.len());
         let mut barrier = false;
-        for &i in &locked.order {
+        let mut locked = self.lock_each(|i| {
             let m = self.members[i];
             let k = m.batch_switch_begin();
             barrier |= m.batch_needs_barrier(&k);
             switching.push((i, k));
-        }
+        });
         if barrier {
             crate::sys::rseq::fence_all_cpus();
         }
+        // In locking order, as `switching` was filled.
         for (i, k) in &mut switching {
             self.members[*i].batch_fold(k);
+            locked.unlock_next();
         }
         drop(locked);
         // A live ref's fold never claims a release, and a dead ref has no
@@ -297,8 +312,9 @@ impl<'a> KillBatch<'a> {
         }
     }
 
-    /// Lock every distinct ref, by address.
-    fn lock(&self) -> Locked<'_> {
+    /// Lock every distinct ref in address order, running `begin` on each
+    /// right after taking its lock (one pass over the refs' cache lines).
+    fn lock_each(&self, mut begin: impl FnMut(usize)) -> Locked<'_> {
         let addr = |i: usize| self.members[i].batch_word() as *const AtomicU32 as usize;
         let mut order: Vec<usize> = (0..self.members.len()).collect();
         // By address, and among duplicates the first pushed first: it is
@@ -309,8 +325,12 @@ impl<'a> KillBatch<'a> {
             .iter()
             .map(|&i| self.members[i].batch_word())
             .collect();
-        lock::lock_all(&words);
-        Locked { order, words }
+        lock::lock_all(&words, |n| begin(order[n]));
+        Locked {
+            order,
+            words,
+            unlocked: 0,
+        }
     }
 
     /// After unlocking: run the releases that became due; the first panic.
@@ -328,18 +348,28 @@ impl<'a> KillBatch<'a> {
     }
 }
 
-/// The locks of a batch, released (in reverse order: each unlock then
-/// finds its word last in the thread's list) when dropped, also on unwind.
+/// The locks of a batch, in locking order: released one by one with
+/// `unlock_next`, the rest when dropped (also on unwind).
 struct Locked<'w> {
     order: Vec<usize>,
     words: Vec<&'w AtomicU32>,
+    /// `words[..unlocked]` are unlocked already.
+    unlocked: usize,
+}
+
+impl Locked<'_> {
+    fn unlock_next(&mut self) {
+        lock::unlock_only(self.words[self.unlocked]);
+        self.unlocked += 1;
+    }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        for w in self.words.iter().rev() {
-            lock::unlock(w);
+        for w in &self.words[self.unlocked..] {
+            lock::unlock_only(w);
         }
+        lock::forget_all(&self.words);
     }
 }
 

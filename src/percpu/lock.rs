@@ -155,16 +155,17 @@ pub(crate) fn lock(word: &AtomicU32) {
     HELD.with(|h| h.borrow_mut().locks.push(a));
 }
 
-/// Take the switch locks of `words`, in the order given. A batch passes
-/// them sorted by address and without duplicates, so two batches (and any
-/// single-lock operation) always lock in one global order and cannot
-/// deadlock. The re-entrancy check runs once for the whole batch, so
-/// locking `n` refs costs `O(n)`, not `O(n^2)`.
+/// Take the switch locks of `words`, in the order given, calling
+/// `locked(n)` right after taking `words[n]`. A batch passes them sorted by
+/// address and without duplicates, so two batches (and any single-lock
+/// operation) always lock in one global order and cannot deadlock. The
+/// re-entrancy check runs once for the whole batch, so locking `n` refs
+/// costs `O(n)`, not `O(n^2)`.
 ///
 /// # Panics
 ///
 /// If this thread already holds one of them (see [`lock`]).
-pub(crate) fn lock_all(words: &[&AtomicU32]) {
+pub(crate) fn lock_all(words: &[&AtomicU32], mut locked: impl FnMut(usize)) {
     HELD.with(|h| {
         let h = h.borrow();
         assert!(
@@ -174,12 +175,43 @@ pub(crate) fn lock_all(words: &[&AtomicU32]) {
              one of its refs (it would deadlock)"
         );
     });
-    for w in words {
+    for (n, w) in words.iter().enumerate() {
         while !try_lock_raw(w) {
             wait_until(w, |s| s & LOCKED == 0);
         }
         HELD.with(|h| h.borrow_mut().locks.push(addr(w)));
+        locked(n);
     }
+}
+
+/// Release the switch lock of `word` (held by this thread) **without**
+/// dropping it from this thread's list of held locks: a batch unlocks its
+/// refs one by one in the pass that also drops their initial references,
+/// then forgets them all at once with [`forget_all`].
+pub(crate) fn unlock_only(word: &AtomicU32) {
+    // Release: as in `unlock`, pairs with the Acquire of the next lock
+    // holder and of waiters. Acquire: harmless here (kept as in `unlock`).
+    let prev = word.fetch_and(!LOCKED, AcqRel);
+    debug_assert!(prev & LOCKED != 0);
+    wake_if_parked(word, prev);
+}
+
+/// Forget `words` (locked by [`lock_all`], each released with
+/// [`unlock_only`]) from this thread's list of held locks, in `O(n)`.
+pub(crate) fn forget_all(words: &[&AtomicU32]) {
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        // `lock_all` pushed them last and in this order; any lock taken
+        // since (by a confirm callback) was released again.
+        let n = h.locks.len();
+        let tail = n.checked_sub(words.len());
+        if tail.is_some_and(|t| h.locks[t..].iter().zip(words).all(|(&a, w)| a == addr(w))) {
+            h.locks.truncate(n - words.len());
+        } else {
+            let gone: std::collections::HashSet<usize> = words.iter().map(|w| addr(w)).collect();
+            h.locks.retain(|a| !gone.contains(a));
+        }
+    });
 }
 
 /// Take the switch lock if it is free.
