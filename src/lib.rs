@@ -82,8 +82,9 @@ pub use percpu::policy::Deferred;
 pub use percpu::policy::OnRayon;
 pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
 pub use percpu::{
-    kill_all, Builder, KillBatch, KillError, Killable, Mode, OwnedRef, PercpuArc, PercpuRef, Ref,
-    ReviveError, SwitchError, Tier, Underflow,
+    holder_label, kill_all, Builder, Holder, HolderKind, Holders, KillBatch, KillError, Killable,
+    LabelScope, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReviveError, SwitchError, Tier,
+    Underflow,
 };
 
 /// Set up the fast tier early: on Linux x86_64 this registers the process

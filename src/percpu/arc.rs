@@ -31,6 +31,7 @@
 use super::counter::{AfterPut, PercpuRef};
 use super::policy::{NoRelease, ReleasePolicy};
 use super::state::*;
+use super::track::{self, hook, HolderKind};
 use super::Builder;
 use crate::sync::{fence, AtomicUsize, Ordering::*};
 use std::fmt;
@@ -142,7 +143,7 @@ impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
     #[inline]
     #[must_use = "dropping the OwnedRef puts it at once"]
     pub fn tryget_owned(&self) -> Option<OwnedRef<T, P>> {
-        self.tryget_one(false).then(|| OwnedRef { ptr: self.ptr() })
+        self.tryget_one(false).then(|| OwnedRef::new(self.ptr()))
     }
 
     /// [`tryget_live`](PercpuRef::tryget_live) as an owned, `'static`
@@ -151,7 +152,7 @@ impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
     #[inline]
     #[must_use = "dropping the OwnedRef puts it at once"]
     pub fn tryget_live_owned(&self) -> Option<OwnedRef<T, P>> {
-        self.tryget_one(true).then(|| OwnedRef { ptr: self.ptr() })
+        self.tryget_one(true).then(|| OwnedRef::new(self.ptr()))
     }
 
     /// Number of handles (owners) right now; a snapshot.
@@ -277,6 +278,9 @@ pub struct OwnedRef<T, P: ReleasePolicy<T> = NoRelease> {
     /// Into a `PercpuArc` allocation (with its provenance); we hold one
     /// count on the ref.
     ptr: NonNull<PercpuRef<T, P>>,
+    /// The holder's record (feature `track`; zero-sized without it).
+    #[cfg(not(percpu_ref_untracked))]
+    holder: track::Token,
 }
 
 // SAFETY: as for `PercpuArc`: a shared reference to the ref whose final
@@ -286,6 +290,20 @@ unsafe impl<T: Send + Sync, P: ReleasePolicy<T> + Send + Sync> Send for OwnedRef
 unsafe impl<T: Send + Sync, P: ReleasePolicy<T> + Send + Sync> Sync for OwnedRef<T, P> {}
 
 impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
+    /// Wrap a reference this thread just took on the ref at `ptr`.
+    #[inline(always)]
+    fn new(ptr: NonNull<PercpuRef<T, P>>) -> Self {
+        OwnedRef {
+            ptr,
+            // SAFETY: the caller just took a count, which keeps the
+            // allocation alive.
+            #[cfg(not(percpu_ref_untracked))]
+            holder: unsafe { ptr.as_ref() }
+                .tracker
+                .take(HolderKind::OwnedRef, None),
+        }
+    }
+
     #[inline]
     fn r(&self) -> &PercpuRef<T, P> {
         // SAFETY: our count keeps the ref from being released, hence the
@@ -304,6 +322,7 @@ impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
     #[must_use = "a lost raw reference keeps the ref from ever draining"]
     pub fn into_raw(this: Self) -> *const PercpuRef<T, P> {
         let this = ManuallyDrop::new(this);
+        hook!(this.r().tracker.to_raw(&this.holder));
         this.ptr.as_ptr()
     }
 
@@ -314,10 +333,11 @@ impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
     /// `p` came from `OwnedRef::into_raw` (of the same `T`, `P`) and its
     /// count has not been given back; it is consumed.
     pub unsafe fn from_raw(p: *const PercpuRef<T, P>) -> Self {
-        OwnedRef {
-            // SAFETY: from `into_raw`, never null.
-            ptr: unsafe { NonNull::new_unchecked(p.cast_mut()) },
-        }
+        // SAFETY: from `into_raw`, never null.
+        let ptr = unsafe { NonNull::new_unchecked(p.cast_mut()) };
+        // SAFETY: the raw count we own keeps the allocation alive.
+        hook!(unsafe { ptr.as_ref() }.tracker.raw_put(1));
+        OwnedRef::new(ptr)
     }
 }
 
@@ -325,13 +345,22 @@ impl<T, P: ReleasePolicy<T>> Clone for OwnedRef<T, P> {
     #[inline(always)]
     fn clone(&self) -> Self {
         self.r().get_one();
-        OwnedRef { ptr: self.ptr }
+        OwnedRef {
+            ptr: self.ptr,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: self
+                .r()
+                .tracker
+                .clone_of(&self.holder, HolderKind::OwnedRef),
+        }
     }
 }
 
 impl<T, P: ReleasePolicy<T>> Drop for OwnedRef<T, P> {
     #[inline(always)]
     fn drop(&mut self) {
+        // Before the put, which may free the allocation.
+        hook!(self.r().tracker.give_back(&self.holder));
         let after = self.r().put_one();
         // SAFETY: `free` is set only for the put that finished the release
         // of an orphaned ref, i.e. this one; the borrow above has ended and

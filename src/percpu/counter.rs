@@ -119,6 +119,9 @@ pub struct PercpuRef<T, P = super::policy::NoRelease> {
     pub(crate) key: AtomicU32,
     /// Adaptive refs: contended central updates seen (see `PROMOTE_AFTER`).
     pub(crate) heat: AtomicU32,
+    /// Who holds references (feature `track`; zero-sized without it).
+    #[cfg(not(percpu_ref_untracked))]
+    pub(crate) tracker: super::track::Tracker,
     pub(crate) value: T,
     pub(crate) policy: P,
 }

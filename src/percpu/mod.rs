@@ -10,6 +10,7 @@
 //! | `refs` | `tryget*`, raw `get_many`/`put_many`, the borrowed `Ref` |
 //! | `arc` | `PercpuArc` (owning handle) and `OwnedRef` |
 //! | `batch` | `KillBatch`: many refs killed or switched with one barrier |
+//! | `track` | holder tracking (feature `track`) |
 //! | `builder` | `Builder` |
 //! | `policy`, `completion` | release policies |
 
@@ -25,6 +26,7 @@ pub(crate) mod policy;
 mod refs;
 mod slots;
 mod state;
+mod track;
 
 pub use arc::{OwnedRef, PercpuArc};
 pub use batch::{kill_all, KillBatch, Killable};
@@ -32,6 +34,7 @@ pub use builder::Builder;
 pub use counter::PercpuRef;
 pub use error::{KillError, ReviveError, SwitchError, Underflow};
 pub use refs::Ref;
+pub use track::{holder_label, Holder, HolderKind, Holders, LabelScope};
 
 #[cfg(not(percpu_ref_model))]
 pub(crate) use slots::{arena_usage, slot_bytes_per_ref};
@@ -62,11 +65,21 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(not(feature = "track"))]
     fn header_is_32_bytes() {
         // gate (limit 4 + state 4 + column 8) + central 8 + key 4 + heat 4.
         assert_eq!(std::mem::size_of::<PercpuRef<(), ()>>(), 32);
         assert_eq!(std::mem::size_of::<Ref<'_, (), policy::NoRelease>>(), 8);
         assert_eq!(std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(), 8);
+    }
+
+    #[test]
+    #[cfg(feature = "track")]
+    fn tracking_grows_the_header_by_its_shard_table_and_refs_by_a_token() {
+        let table = std::mem::size_of::<Box<[u8]>>();
+        assert_eq!(std::mem::size_of::<PercpuRef<(), ()>>(), 32 + table);
+        assert_eq!(std::mem::size_of::<Ref<'_, (), policy::NoRelease>>(), 16);
+        assert_eq!(std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(), 16);
     }
 }
 

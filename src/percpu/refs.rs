@@ -3,6 +3,7 @@
 
 use super::counter::PercpuRef;
 use super::policy::{NoRelease, ReleasePolicy};
+use super::track::{self, hook, HolderKind};
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
@@ -16,7 +17,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     #[must_use = "dropping the Ref puts it at once"]
     pub fn tryget(&self) -> Option<Ref<'_, T, P>> {
-        self.tryget_one(false).then(|| Ref { r: self })
+        self.tryget_one(false).then(|| Ref::new(self, None))
     }
 
     /// Take a reference only if the ref was not killed
@@ -31,7 +32,63 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     #[must_use = "dropping the Ref puts it at once"]
     pub fn tryget_live(&self) -> Option<Ref<'_, T, P>> {
-        self.tryget_one(true).then(|| Ref { r: self })
+        self.tryget_one(true).then(|| Ref::new(self, None))
+    }
+
+    /// [`tryget_live`](Self::tryget_live), recording `label` as the
+    /// holder's label (feature `track`; see [`holders`](Self::holders)).
+    /// Without the feature the label is ignored.
+    ///
+    /// ```
+    /// use percpu_ref::{NoRelease, PercpuRef};
+    /// let r = PercpuRef::new(0u8, NoRelease);
+    /// let held = r.tryget_live_tagged("compaction").unwrap();
+    /// if let Some(h) = r.holders().iter().next() {
+    ///     assert_eq!(h.label(), Some("compaction")); // with `track`
+    /// }
+    /// # drop(held);
+    /// ```
+    #[inline]
+    #[must_use = "dropping the Ref puts it at once"]
+    pub fn tryget_live_tagged(&self, label: &'static str) -> Option<Ref<'_, T, P>> {
+        self.tryget_one(true).then(|| Ref::new(self, Some(label)))
+    }
+
+    /// Who holds references right now (feature `track`): one [`Holder`]
+    /// per [`Ref`] and [`OwnedRef`](crate::OwnedRef), and the raw
+    /// references' ledger. Its `Display` is a leak report, for a shutdown
+    /// that waits too long. Without the feature the report is empty and
+    /// says that tracking is off.
+    ///
+    /// A snapshot: exact for references that are held the whole time it
+    /// is taken (a shutdown waiting on leaked references); one taken or
+    /// dropped meanwhile may or may not appear. The owner's initial
+    /// reference is not a holder.
+    ///
+    /// ```
+    /// use percpu_ref::{Completion, PercpuRef};
+    /// use std::time::Duration;
+    ///
+    /// let done = Completion::new();
+    /// let r = PercpuRef::new(0u8, done.clone());
+    /// let leaked = r.tryget_live_tagged("compaction").unwrap();
+    /// r.kill().unwrap();
+    /// if !done.wait_timeout(Duration::from_millis(1)) {
+    ///     let report = r.holders();
+    ///     eprintln!("shutdown stuck: {report}");
+    ///     if report.is_tracked() {
+    ///         assert!(report.to_string().contains("label compaction"));
+    ///     }
+    /// }
+    /// # drop(leaked);
+    /// ```
+    ///
+    /// [`Holder`]: crate::Holder
+    pub fn holders(&self) -> track::Holders {
+        #[cfg(not(percpu_ref_untracked))]
+        return self.tracker.holders();
+        #[cfg(percpu_ref_untracked)]
+        track::Holders::default()
     }
 
     /// Add `n` raw references (`percpu_ref_get_many`), e.g. one per object a
@@ -47,6 +104,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     pub unsafe fn get_many(&self, n: usize) {
         if n != 0 {
             self.add(n as i64);
+            hook!(self.tracker.raw_get(n));
         }
     }
 
@@ -70,6 +128,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     pub unsafe fn put_many(&self, n: usize) {
         if n != 0 {
+            hook!(self.tracker.raw_put(n));
             let after = self.sub(n as i64);
             debug_assert!(!after.free, "raw puts need a live owner");
             after.rethrow();
@@ -95,9 +154,23 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
 #[must_use = "dropping a Ref puts it at once"]
 pub struct Ref<'a, T, P: ReleasePolicy<T> = NoRelease> {
     r: &'a PercpuRef<T, P>,
+    /// The holder's record (feature `track`; zero-sized without it).
+    #[cfg(not(percpu_ref_untracked))]
+    holder: track::Token,
 }
 
 impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
+    /// Wrap a reference this thread just took.
+    #[inline(always)]
+    #[allow(unused_variables)] // `label` without the tracking code
+    fn new(r: &'a PercpuRef<T, P>, label: Option<&'static str>) -> Self {
+        Ref {
+            r,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: r.tracker.take(HolderKind::Ref, label),
+        }
+    }
+
     /// The ref this reference counts on.
     pub fn percpu_ref(this: &Self) -> &'a PercpuRef<T, P> {
         this.r
@@ -110,6 +183,7 @@ impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
     #[must_use = "a lost raw reference keeps the ref from ever draining"]
     pub fn into_raw(this: Self) -> &'a PercpuRef<T, P> {
         let this = ManuallyDrop::new(this);
+        hook!(this.r.tracker.to_raw(&this.holder));
         this.r
     }
 
@@ -121,7 +195,8 @@ impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
     /// [`into_raw`](Self::into_raw) or [`PercpuRef::get_many`]); it is
     /// consumed.
     pub unsafe fn from_raw(r: &'a PercpuRef<T, P>) -> Self {
-        Ref { r }
+        hook!(r.tracker.raw_put(1));
+        Ref::new(r, None)
     }
 }
 
@@ -129,13 +204,18 @@ impl<T, P: ReleasePolicy<T>> Clone for Ref<'_, T, P> {
     #[inline(always)]
     fn clone(&self) -> Self {
         self.r.get_one();
-        Ref { r: self.r }
+        Ref {
+            r: self.r,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: self.r.tracker.clone_of(&self.holder, HolderKind::Ref),
+        }
     }
 }
 
 impl<T, P: ReleasePolicy<T>> Drop for Ref<'_, T, P> {
     #[inline(always)]
     fn drop(&mut self) {
+        hook!(self.r.tracker.give_back(&self.holder));
         let after = self.r.put_one();
         // The borrow keeps an owner alive, so nothing is ours to free.
         debug_assert!(!after.free);
