@@ -31,6 +31,7 @@
 use super::counter::{AfterPut, PercpuRef};
 use super::policy::{NoRelease, ReleasePolicy};
 use super::state::*;
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
 use super::track::{self, hook, HolderKind};
 use super::Builder;
 use crate::sync::{fence, AtomicUsize, Ordering::*};

@@ -3,6 +3,7 @@
 
 use super::counter::PercpuRef;
 use super::policy::{NoRelease, ReleasePolicy};
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
 use super::track::{self, hook, HolderKind};
 use std::fmt;
 use std::mem::ManuallyDrop;

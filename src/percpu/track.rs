@@ -250,13 +250,16 @@ impl Drop for LabelScope {
 }
 
 #[cfg(all(feature = "track", not(percpu_ref_model)))]
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
 pub(crate) use on::{Token, Tracker};
 
 #[cfg(not(all(feature = "track", not(percpu_ref_model))))]
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
 pub(crate) use off::{Token, Tracker};
 
 /// Without the feature: zero-sized, and every hook an empty inline body.
 #[cfg(not(all(feature = "track", not(percpu_ref_model))))]
+#[cfg_attr(percpu_ref_untracked, allow(dead_code))]
 mod off {
     use super::{HolderKind, Holders};
 
@@ -293,6 +296,7 @@ mod off {
 }
 
 #[cfg(all(feature = "track", not(percpu_ref_model)))]
+#[cfg_attr(percpu_ref_untracked, allow(dead_code))]
 mod on {
     use super::{Holder, HolderKind, Holders, ThreadInfo, LABEL};
     use crate::sync::{lock, Mutex};
@@ -472,6 +476,7 @@ mod on {
 /// Expands to its statements, or to nothing in the build without the
 /// tracking code (`--cfg percpu_ref_untracked`) that `scripts/zero-cost.sh`
 /// compares the default build against.
+#[cfg_attr(percpu_ref_untracked, allow(unused_macros))]
 macro_rules! hook {
     ($($t:tt)*) => {
         #[cfg(not(percpu_ref_untracked))]
