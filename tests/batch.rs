@@ -298,6 +298,60 @@ fn a_release_may_revive_a_dying_ref_of_its_own_batch() {
     }
 }
 
+/// A release policy chosen at run time.
+type DynRelease = Box<dyn Fn(&u8) + Send + Sync>;
+
+/// Two refs in one allocation: `first` comes first in address order, so
+/// the batch runs its release first.
+#[repr(C)]
+struct Pair<P: ReleasePolicy<u8>> {
+    first: PercpuRef<u8, DynRelease>,
+    second: PercpuRef<u8, P>,
+}
+
+/// The release of one batch member reinitialises another member whose
+/// release the batch claimed but has not run yet: the reinit runs that
+/// release itself (once), instead of waiting for the thread it is on.
+#[test]
+fn a_release_may_reinit_a_drained_ref_of_its_own_batch() {
+    for portable in tiers() {
+        within("release reinitialising a drained batch member", move || {
+            let second = Policy::default();
+            let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let pair: Arc<Pair<Policy>> =
+                Arc::new_cyclic(|weak: &std::sync::Weak<Pair<Policy>>| {
+                    let (weak, order) = (weak.clone(), Arc::clone(&order));
+                    Pair {
+                        first: build(
+                            portable,
+                            1,
+                            Box::new(move |_: &u8| {
+                                let pair = weak.upgrade().expect("alive during the batch");
+                                order.lock().unwrap().push("first: reinit second");
+                                pair.second.reinit().expect("second drained");
+                                order.lock().unwrap().push("first: done");
+                            }) as DynRelease,
+                        ),
+                        second: build(!portable, 2, second.clone()),
+                    }
+                });
+            let results = kill_all(&[&pair.second, &pair.first]);
+            assert_eq!(results, [Ok(()), Ok(())]);
+            assert_eq!(second.releases(), 1, "the old life released exactly once");
+            assert_eq!(second.0.reinits.load(SeqCst), 1);
+            assert!(!pair.second.is_dying(), "the new life is live");
+            assert_eq!(
+                *order.lock().unwrap(),
+                ["first: reinit second", "first: done"]
+            );
+            // The new life ends normally.
+            pair.second.kill().unwrap();
+            assert_eq!(second.releases(), 2);
+            assert!(!second.0.bad.load(SeqCst));
+        });
+    }
+}
+
 #[test]
 fn batched_switch_to_atomic_keeps_counts_and_sticks_across_revives() {
     for portable in tiers() {

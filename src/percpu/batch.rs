@@ -16,6 +16,11 @@
 //!   pass 3: run the releases that became due (no lock held)
 //! ```
 //!
+//! The releases of pass 3 run one after another on the calling thread. A
+//! release may revive (or kill) refs of its own batch; if it revives one
+//! whose release is claimed but has not run yet, that revive runs the
+//! pending release first (it would otherwise wait for this very thread).
+//!
 //! Three passes, not one per phase: with other CPUs hammering the refs,
 //! each pass costs a cache miss per ref. Every ref keeps the guarantees of
 //! [`PercpuRef::kill_and_confirm`]: its phases run in the same order under
@@ -335,8 +340,19 @@ impl<'a> KillBatch<'a> {
 
     /// After unlocking: run the releases that became due; the first panic.
     fn finish(&self, done: Vec<(usize, Killing)>) -> Option<Box<dyn std::any::Any + Send>> {
+        // A release run here may revive a later ref of the batch whose
+        // release is claimed but not run yet: mark them pending, so that
+        // revive runs it rather than wait for this thread (`lock.rs`).
+        for (i, k) in done.iter().rev() {
+            if k.has_claim() {
+                lock::add_pending(self.members[*i].batch_word());
+            }
+        }
         let mut panic = None;
-        for (i, k) in done {
+        for (i, mut k) in done {
+            if k.has_claim() && !lock::take_pending(self.members[i].batch_word()) {
+                k.release_ran_elsewhere();
+            }
             let after = self.members[i].batch_finish(k);
             // Members are borrowed, so none is an orphaned allocation.
             debug_assert!(!after.free);

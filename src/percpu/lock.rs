@@ -120,10 +120,13 @@ struct Held {
     /// State words whose release this thread is running, and whether a
     /// revive from inside that release already finished it.
     releasing: Vec<(usize, bool)>,
+    /// State words whose release a batch on this thread claimed and has
+    /// not run yet (it runs them one after another).
+    pending: Vec<usize>,
 }
 
 crate::sync::thread_local_cell! {
-    static HELD: RefCell<Held> = RefCell::new(Held { locks: Vec::new(), releasing: Vec::new() });
+    static HELD: RefCell<Held> = RefCell::new(Held { locks: Vec::new(), releasing: Vec::new(), pending: Vec::new() });
 }
 
 fn addr(word: &AtomicU32) -> usize {
@@ -336,6 +339,33 @@ pub(crate) fn finish_own_release(word: &AtomicU32) -> bool {
         {
             Some(entry) => {
                 entry.1 = true;
+                true
+            }
+            None => false,
+        }
+    })
+}
+
+/// A batch claimed the release of `word` and will run it on this thread
+/// after the releases before it. Marked so that a revive of this ref from
+/// inside one of those releases runs it ([`take_pending`]) instead of
+/// waiting for a release that cannot start until it returns. A batch adds
+/// its claims in the reverse of the order it runs them, so each of its own
+/// `take_pending` calls finds the word last.
+pub(crate) fn add_pending(word: &AtomicU32) {
+    HELD.with(|h| h.borrow_mut().pending.push(addr(word)));
+}
+
+/// Take `word` off this thread's pending releases: `true` if it was there
+/// (the caller now runs the release), `false` if someone on this thread
+/// already took it.
+pub(crate) fn take_pending(word: &AtomicU32) -> bool {
+    let a = addr(word);
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        match h.pending.iter().rposition(|&x| x == a) {
+            Some(at) => {
+                h.pending.remove(at);
                 true
             }
             None => false,
