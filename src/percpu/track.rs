@@ -29,9 +29,9 @@
 //! up to 16 shards per ref, chosen by the current CPU, each behind its own
 //! small lock, so threads on different CPUs do not serialise on tracking.
 //! With the feature on, each get+put pays two shard lock round trips and a
-//! reference count of the thread's record (measured in `benches/track.rs`;
-//! see the crate's README for numbers). The header grows by the shard
-//! table, and `Ref`/`OwnedRef` by an 8-byte token.
+//! reference count of the thread's record (numbers in the docs of
+//! `PercpuRef::holders`, measured by `benches/track.rs`). The header grows
+//! by the shard table (16 bytes), and `Ref`/`OwnedRef` by an 8-byte token.
 //!
 //! With the feature off, nothing is recorded, the types are the same size
 //! as without this module (8-byte `Ref`/`OwnedRef`, 32-byte header) and the
