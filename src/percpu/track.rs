@@ -308,6 +308,8 @@ mod on {
     /// At most this many shards per ref (fewer on smaller machines).
     const MAX_SHARDS: usize = 16;
 
+    // std's thread-local directly: this module is never compiled under a
+    // model checker (see the cfg above), and the record has no ordering.
     std::thread_local! {
         static ME: Arc<ThreadInfo> = {
             let t = std::thread::current();
