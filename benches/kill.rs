@@ -10,14 +10,29 @@
 //!
 //! each with 0, 1 and all other cores busy doing `tryget_live`+drop on the
 //! ref (threads pinned one per core). Every iteration uses a fresh ref; only
-//! the operation itself is timed, not the setup. A ratio summary is printed
-//! at the end. Run: `cargo bench --bench kill`.
+//! the operation itself is timed, not the setup.
+//!
+//! Shutdown at scale, [`REFS`] refs at once, the busy threads cycling
+//! `tryget_live`+drop over all of them:
+//!
+//! * `one_by_one`: `kill()` on each ref in turn (one barrier each);
+//! * `batched`: one `kill_all` over all of them (one barrier in total).
+//!
+//! in two settings: `kill1000_busy_N`, N threads cycling `tryget_live`+drop
+//! over the very refs being killed (the worst case: every ref's header
+//! line moves between cores during the kill), and `kill1000_elsewhere_N`,
+//! N threads busy on another ref of their own (the CPUs are busy, so each
+//! `membarrier` interrupts them, but the killed refs are idle: a typical
+//! unmount).
+//!
+//! A ratio summary (each ÷ one `membarrier`) is printed at the end. Run:
+//! `cargo bench --bench kill`.
 
 #[path = "contenders/report.rs"]
 mod report;
 
 use criterion::Criterion;
-use percpu_ref::{PercpuRef, ReleasePolicy};
+use percpu_ref::{Killable, NoRelease, PercpuRef, ReleasePolicy};
 use std::hint::{black_box, spin_loop};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -167,6 +182,178 @@ fn measure(op: Op, busy: usize, iters: u64, cores: &[core_affinity::CoreId]) -> 
     })
 }
 
+/// Refs killed at once in the `kill_many` groups.
+const REFS: usize = 1000;
+
+/// How the `kill_many` groups kill their refs.
+#[derive(Clone, Copy)]
+enum Many {
+    OneByOne,
+    Batched,
+}
+
+/// Where the busy threads of the `kill_many` groups work.
+#[derive(Clone, Copy, PartialEq)]
+enum Busy1000 {
+    /// On the refs being killed.
+    SameRefs,
+    /// On a ref of their own, until the kill is over.
+    Elsewhere,
+}
+
+/// Hand-off for the `kill_many` groups: a generation of [`REFS`] refs.
+#[derive(Default)]
+struct BusyMany {
+    current: Mutex<Option<Arc<Vec<PercpuRef<()>>>>>,
+    generation: AtomicU64,
+    /// The generation whose refs were killed (for `Busy1000::Elsewhere`).
+    killed: AtomicU64,
+    started: AtomicUsize,
+    finished: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl BusyMany {
+    /// A busy thread: for each new generation, cycle `tryget_live`+drop
+    /// over its refs until a whole pass finds every one of them killed.
+    fn work(&self, me: usize, busy: Busy1000) {
+        let mine = PercpuRef::new((), NoRelease);
+        let mut seen = 0;
+        loop {
+            let generation = loop {
+                // Acquire: pairs with the Release store in `measure_many`.
+                if self.stop.load(Acquire) {
+                    return;
+                }
+                // Acquire: pairs with the Release increment in
+                // `measure_many`, so `current` holds this generation.
+                let g = self.generation.load(Acquire);
+                if g != seen {
+                    break g;
+                }
+                spin_loop();
+            };
+            seen = generation;
+            let refs = lock(&self.current)
+                .clone()
+                .expect("refs are published with their generation");
+            // Release: keeps the handshake obvious.
+            self.started.fetch_add(1, Release);
+            // Acquire: pairs with the Release store after the kill.
+            while busy == Busy1000::Elsewhere && self.killed.load(Acquire) != generation {
+                drop(black_box(mine.tryget_live()));
+            }
+            let mut live = busy == Busy1000::SameRefs;
+            while live {
+                live = false;
+                // Start each busy thread elsewhere in the set.
+                for r in refs[me % REFS..].iter().chain(&refs[..me % REFS]) {
+                    if let Some(g) = r.tryget_live() {
+                        drop(black_box(g));
+                        live = true;
+                    }
+                }
+            }
+            drop(refs);
+            // Release: our last put happens before the next generation.
+            self.finished.fetch_add(1, Release);
+        }
+    }
+}
+
+/// Time `iters` shutdowns of [`REFS`] fresh refs with `busy` threads
+/// hammering them; returns the sum of the timed parts.
+fn measure_many(
+    how: Many,
+    (busy, on): (usize, Busy1000),
+    iters: u64,
+    cores: &[core_affinity::CoreId],
+) -> Duration {
+    let hand = BusyMany::default();
+    std::thread::scope(|s| {
+        for i in 0..busy {
+            let hand = &hand;
+            s.spawn(move || {
+                if let Some(&core) = cores.get((i + 1) % cores.len().max(1)) {
+                    core_affinity::set_for_current(core);
+                }
+                hand.work(i * 397, on);
+            });
+        }
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            // Relaxed: no busy thread touches these between generations.
+            hand.started.store(0, Relaxed);
+            hand.finished.store(0, Relaxed);
+            let refs: Arc<Vec<PercpuRef<()>>> =
+                Arc::new((0..REFS).map(|_| PercpuRef::new((), NoRelease)).collect());
+            *lock(&hand.current) = Some(Arc::clone(&refs));
+            // Release: pairs with the Acquire load in `BusyMany::work`.
+            hand.generation.fetch_add(1, Release);
+            // Acquire: pairs with the Release increment in `BusyMany::work`.
+            spin_until(|| hand.started.load(Acquire) == busy);
+
+            let t0 = Instant::now();
+            match how {
+                Many::OneByOne => {
+                    for r in refs.iter() {
+                        r.kill().expect("a fresh ref is live");
+                    }
+                }
+                Many::Batched => {
+                    let all: Vec<&dyn Killable> = refs.iter().map(|r| r as &dyn Killable).collect();
+                    let results = percpu_ref::kill_all(&all);
+                    assert!(results.iter().all(Result::is_ok), "fresh refs are live");
+                }
+            }
+            total += t0.elapsed();
+            // Release: pairs with the Acquire load in `BusyMany::work`.
+            hand.killed.store(hand.generation.load(Relaxed), Release);
+            // Acquire: pairs with the Release increment in `BusyMany::work`.
+            spin_until(|| hand.finished.load(Acquire) == busy);
+            *lock(&hand.current) = None;
+            assert!(refs.iter().all(PercpuRef::is_zero), "every ref drained");
+        }
+        // Release: pairs with the Acquire load in `BusyMany::work`.
+        hand.stop.store(true, Release);
+        total
+    })
+}
+
+fn many_group_name((busy, on): (usize, Busy1000)) -> String {
+    match on {
+        Busy1000::SameRefs => format!("kill{REFS}_busy_{busy}"),
+        Busy1000::Elsewhere => format!("kill{REFS}_elsewhere_{busy}"),
+    }
+}
+
+/// The settings of the `kill_many` groups: busy on the same refs (0, 1,
+/// all other cores), then busy elsewhere (1, all other cores).
+fn many_settings(cores: usize) -> Vec<(usize, Busy1000)> {
+    let same = busy_counts(cores)
+        .into_iter()
+        .map(|b| (b, Busy1000::SameRefs));
+    let elsewhere = busy_counts(cores)
+        .into_iter()
+        .filter(|&b| b > 0)
+        .map(|b| (b, Busy1000::Elsewhere));
+    same.chain(elsewhere).collect()
+}
+
+fn kill_many(c: &mut Criterion, cores: &[core_affinity::CoreId]) {
+    for setting in many_settings(cores.len().max(1)) {
+        let mut g = c.benchmark_group(many_group_name(setting));
+        // One-by-one costs ~REFS barriers per iteration (~15 ms busy).
+        g.sample_size(10);
+        for (name, how) in [("one_by_one", Many::OneByOne), ("batched", Many::Batched)] {
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| measure_many(how, setting, iters, cores))
+            });
+        }
+        g.finish();
+    }
+}
+
 /// One `membarrier(PRIVATE_EXPEDITED)`, after registering for it; `None`
 /// where the kernel (or OS) does not offer it.
 #[cfg(target_os = "linux")]
@@ -230,12 +417,51 @@ fn summary(results: &report::Results, cores: usize) {
             (busy, t("kill_confirm"), t("kill_release"), t("membarrier"))
         })
         .collect();
+    // Nothing measured (filtered out, `--test`, `--list`, ...): no table.
     if rows
         .iter()
-        .all(|r| r.1.is_none() && r.2.is_none() && r.3.is_none())
+        .any(|r| r.1.is_some() || r.2.is_some() || r.3.is_some())
     {
-        return; // filtered out, `--test`, `--list`, ...
+        single_table(rows);
     }
+    let many: Vec<_> = many_settings(cores)
+        .into_iter()
+        .map(|setting| {
+            let t = |name| results.median_ns(&many_group_name(setting), name);
+            let floor = results.median_ns(&group_name(setting.0), "membarrier");
+            (setting, t("one_by_one"), t("batched"), floor)
+        })
+        .filter(|r| r.1.is_some() || r.2.is_some())
+        .collect();
+    if many.is_empty() {
+        return;
+    }
+    println!();
+    println!("killing {REFS} refs: median ns per shutdown, this run only");
+    println!(
+        "{:>16} {:>13} {:>13} {:>11} {:>17} {:>17}",
+        "busy", "one by one", "batched", "membarrier", "one÷membarrier", "batched÷membarrier"
+    );
+    for ((busy, on), one, batched, floor) in many {
+        let on = match on {
+            Busy1000::SameRefs => "on these refs",
+            Busy1000::Elsewhere => "elsewhere",
+        };
+        println!(
+            "{:>16} {:>13} {:>13} {:>11} {:>17} {:>17}",
+            format!("{busy} {on}"),
+            report::ns(one),
+            report::ns(batched),
+            report::ns(floor),
+            report::ratio(one, floor),
+            report::ratio(batched, floor),
+        );
+    }
+}
+
+type Row = (usize, Option<f64>, Option<f64>, Option<f64>);
+
+fn single_table(rows: Vec<Row>) {
     println!();
     println!("kill summary: median ns, this run only");
     println!(
@@ -267,6 +493,7 @@ fn main() {
     let floor = membarrier_floor();
     let mut c = Criterion::default().configure_from_args();
     kill(&mut c, &cores, floor);
+    kill_many(&mut c, &cores);
     c.final_summary();
     summary(&results, cores.len().max(1));
 }

@@ -19,6 +19,17 @@
 # The compared number is the per-iteration cost (instructions for 2N
 # iterations minus those for N). If objdump is installed, the script also
 # compares the instructions of zc_page and zc_bare (information only).
+#
+# Second check, holder tracking of PercpuRef (feature `track`): the binary
+# is examples/zero_cost_percpu.rs (per iteration: tryget_live, a clone,
+# tryget_live_owned, get_many(2)/put_many(2), all given back), built
+#   off        as is, feature `track` off
+#   untracked  with every tracking hook compiled out
+#              (RUSTFLAGS=--cfg percpu_ref_untracked, own target dir)
+#   tracked    with --features track (information: what tracking costs,
+#              without backtraces: run with RUST_LIB_BACKTRACE=0)
+# for a ref counting per CPU (`percpu`) and one in atomic mode (`atomic`).
+# off and untracked must execute the same number of instructions.
 set -euo pipefail
 
 n=${1:-100000}
@@ -38,11 +49,13 @@ bin="$target_dir/release/examples/zero_cost_page"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# ir VARIANT ITERATIONS: instructions executed inside zc_VARIANT.
+# ir VARIANT ITERATIONS [BINARY]: instructions executed inside zc_VARIANT.
 ir() {
-    local log="$tmp/$1-$2.log" c=""
+    local exe=${3:-$bin} tag
+    tag=$(basename "$exe")
+    local log="$tmp/$tag-$1-$2.log" c=""
     if valgrind --tool=callgrind --toggle-collect="zc_$1" \
-        --callgrind-out-file="$tmp/$1-$2.out" "$bin" "$1" "$2" >/dev/null 2>"$log"; then
+        --callgrind-out-file="$tmp/$tag-$1-$2.out" "$exe" "$1" "$2" >/dev/null 2>"$log"; then
         c=$(sed -n 's/^==[0-9]*== Collected : \([0-9]*\).*/\1/p' "$log")
     fi
     if [ -z "$c" ] || [ "$c" -eq 0 ]; then
@@ -120,5 +133,49 @@ if [ "$status" -eq 0 ]; then
     echo "zero-cost: OK: PageRef<NoHook> == bare AtomicU32" \
         "($((loop[page] / n)) instructions per iteration);" \
         "device page hot path == ordinary ($((loop[hot_device] / n)) per iteration)"
+fi
+
+# --- PercpuRef holder tracking ------------------------------------------
+# Each build writes the same path: keep a copy of each binary.
+pbin="$target_dir/release/examples/zero_cost_percpu"
+cargo build --quiet --release --no-default-features --example zero_cost_percpu
+cp "$pbin" "$tmp/off"
+CARGO_TARGET_DIR="$target_dir/zero-cost-untracked" RUSTFLAGS="${RUSTFLAGS:-} --cfg percpu_ref_untracked" \
+    cargo build --quiet --release --no-default-features --example zero_cost_percpu
+cp "$target_dir/zero-cost-untracked/release/examples/zero_cost_percpu" "$tmp/untracked"
+cargo build --quiet --release --no-default-features --features track --example zero_cost_percpu
+cp "$pbin" "$tmp/tracked"
+
+declare -A ploop
+for v in percpu atomic; do
+    for b in off untracked tracked; do
+        # Tracking captures a backtrace per reference when RUST_BACKTRACE
+        # asks for one; the information row measures tracking without.
+        one=$(RUST_LIB_BACKTRACE=0 ir "$v" "$n" "$tmp/$b")
+        two=$(RUST_LIB_BACKTRACE=0 ir "$v" $((2 * n)) "$tmp/$b")
+        ploop[$v-$b]=$((two - one))
+    done
+done
+echo "PercpuRef holder tracking (per iteration: tryget_live, clone, tryget_live_owned," \
+    "get_many(2)+put_many(2), all given back):"
+for v in percpu atomic; do
+    printf '  %-8s feature off %8s   hooks compiled out %8s   feature on (info) %8s per %s iterations\n' \
+        "$v" "${ploop[$v-off]}" "${ploop[$v-untracked]}" "${ploop[$v-tracked]}" "$n"
+    if [ "${ploop[$v-off]}" -le "$((4 * n))" ]; then
+        echo "zero-cost: FAIL: $v: $n iterations cost only ${ploop[$v-off]} instructions;" \
+            "the loop was optimised away?" >&2
+        status=1
+    elif [ "${ploop[$v-off]}" -ne "${ploop[$v-untracked]}" ]; then
+        echo "zero-cost: FAIL: $v: with the track feature off the workload executed" \
+            "${ploop[$v-off]} instructions per $n iterations, with the tracking code" \
+            "compiled out ${ploop[$v-untracked]}" >&2
+        status=1
+    fi
+done
+if [ "$status" -eq 0 ]; then
+    echo "zero-cost: OK: track off == tracking compiled out" \
+        "(percpu $((ploop[percpu-off] / n)), atomic $((ploop[atomic-off] / n)) instructions" \
+        "per iteration; with tracking $((ploop[percpu-tracked] / n)) and" \
+        "$((ploop[atomic-tracked] / n)))"
 fi
 exit "$status"

@@ -50,6 +50,34 @@
 //! the work elsewhere: [`Completion`] wakes a waiter, `Deferred` (feature
 //! `epoch`) waits for an epoch, `OnRayon` (feature `rayon`) runs on a pool.
 //!
+//! # Shutdown at scale
+//!
+//! [`KillBatch`] (or [`kill_all`]) kills many refs — of any value type and
+//! policy — paying one barrier instead of one per ref, with each ref's
+//! result reported separately. With the `track` feature,
+//! [`PercpuRef::holders`] names who still holds references (thread, label,
+//! backtrace) when a shutdown waits too long:
+//!
+//! ```
+//! use percpu_ref::{Completion, PercpuRef};
+//! use std::time::Duration;
+//!
+//! let drained = [Completion::new(), Completion::new()];
+//! let disks = [
+//!     PercpuRef::new("nvme0", drained[0].clone()),
+//!     PercpuRef::new("nvme1", drained[1].clone()),
+//! ];
+//! let io = disks[1].tryget_live_tagged("compaction").unwrap();
+//! assert!(percpu_ref::kill_all(&[&disks[0], &disks[1]]).iter().all(Result::is_ok));
+//! for (disk, done) in disks.iter().zip(&drained) {
+//!     if !done.wait_timeout(Duration::from_millis(1)) {
+//!         // e.g. "1 reference still held:\n  1 by thread 'main' (ThreadId(1), label compaction)"
+//!         eprintln!("{} stuck: {}", disk.value(), disk.holders());
+//!     }
+//! }
+//! # drop(io);
+//! ```
+//!
 //! # Costs
 //!
 //! | operation | cost |
@@ -57,6 +85,7 @@
 //! | `tryget`/clone/drop in percpu mode | one uncontended `fetch_add` on this CPU's slot |
 //! | same in atomic mode or while dying | one `fetch_add` on the shared count |
 //! | `switch_to_atomic`, `kill` | one swap per possible CPU, no grace period |
+//! | [`KillBatch`] / [`kill_all`] of many refs | one `membarrier` for all of them (rseq tier) |
 //! | memory per ref | a small header plus 8 bytes per possible CPU |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -83,7 +112,8 @@ pub use percpu::policy::Deferred;
 pub use percpu::policy::OnRayon;
 pub use percpu::policy::{Completion, CompletionFuture, NoRelease, ReleasePolicy};
 pub use percpu::{
-    Builder, KillError, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReviveError, SwitchError, Tier,
+    holder_label, kill_all, Builder, Holder, HolderKind, Holders, KillBatch, KillError, Killable,
+    LabelScope, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReviveError, SwitchError, Tier,
     Underflow,
 };
 

@@ -31,6 +31,8 @@
 use super::counter::{self, AfterPut, Area, PercpuRef};
 use super::policy::{NoRelease, ReleasePolicy};
 use super::state::*;
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
+use super::track::{self, hook, HolderKind};
 use super::Builder;
 use crate::sync::{fence, AtomicUsize, Ordering::*};
 use std::fmt;
@@ -143,7 +145,7 @@ impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
     #[must_use = "dropping the OwnedRef puts it at once"]
     pub fn tryget_owned(&self) -> Option<OwnedRef<T, P>> {
         self.tryget_one(false)
-            .map(|area| OwnedRef { ptr: self.ptr(), area })
+            .map(|area| OwnedRef::new(self.ptr(), area))
     }
 
     /// [`tryget_live`](PercpuRef::tryget_live) as an owned, `'static`
@@ -153,7 +155,7 @@ impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
     #[must_use = "dropping the OwnedRef puts it at once"]
     pub fn tryget_live_owned(&self) -> Option<OwnedRef<T, P>> {
         self.tryget_one(true)
-            .map(|area| OwnedRef { ptr: self.ptr(), area })
+            .map(|area| OwnedRef::new(self.ptr(), area))
     }
 
     /// Number of handles (owners) right now; a snapshot.
@@ -281,6 +283,9 @@ pub struct OwnedRef<T, P: ReleasePolicy<T> = NoRelease> {
     ptr: NonNull<PercpuRef<T, P>>,
     /// As in `Ref`: no load before the restartable sequence.
     area: Area,
+    /// The holder's record (feature `track`; zero-sized without it).
+    #[cfg(not(percpu_ref_untracked))]
+    holder: track::Token,
 }
 
 // SAFETY: as for `PercpuArc`: a shared reference to the ref whose final
@@ -290,6 +295,21 @@ unsafe impl<T: Send + Sync, P: ReleasePolicy<T> + Send + Sync> Send for OwnedRef
 unsafe impl<T: Send + Sync, P: ReleasePolicy<T> + Send + Sync> Sync for OwnedRef<T, P> {}
 
 impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
+    /// Wrap a reference this thread just took on the ref at `ptr`.
+    #[inline(always)]
+    fn new(ptr: NonNull<PercpuRef<T, P>>, area: Area) -> Self {
+        OwnedRef {
+            ptr,
+            area,
+            // SAFETY: the caller just took a count, which keeps the
+            // allocation alive.
+            #[cfg(not(percpu_ref_untracked))]
+            holder: unsafe { ptr.as_ref() }
+                .tracker
+                .take(HolderKind::OwnedRef, None),
+        }
+    }
+
     #[inline]
     fn r(&self) -> &PercpuRef<T, P> {
         // SAFETY: our count keeps the ref from being released, hence the
@@ -308,6 +328,7 @@ impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
     #[must_use = "a lost raw reference keeps the ref from ever draining"]
     pub fn into_raw(this: Self) -> *const PercpuRef<T, P> {
         let this = ManuallyDrop::new(this);
+        hook!(this.r().tracker.to_raw(&this.holder));
         this.ptr.as_ptr()
     }
 
@@ -318,11 +339,11 @@ impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
     /// `p` came from `OwnedRef::into_raw` (of the same `T`, `P`) and its
     /// count has not been given back; it is consumed.
     pub unsafe fn from_raw(p: *const PercpuRef<T, P>) -> Self {
-        OwnedRef {
-            // SAFETY: from `into_raw`, never null.
-            ptr: unsafe { NonNull::new_unchecked(p.cast_mut()) },
-            area: counter::area(),
-        }
+        // SAFETY: from `into_raw`, never null.
+        let ptr = unsafe { NonNull::new_unchecked(p.cast_mut()) };
+        // SAFETY: the raw count we own keeps the allocation alive.
+        hook!(unsafe { ptr.as_ref() }.tracker.raw_put(1));
+        OwnedRef::new(ptr, counter::area())
     }
 }
 
@@ -333,6 +354,11 @@ impl<T, P: ReleasePolicy<T>> Clone for OwnedRef<T, P> {
         OwnedRef {
             ptr: self.ptr,
             area: self.area,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: self
+                .r()
+                .tracker
+                .clone_of(&self.holder, HolderKind::OwnedRef),
         }
     }
 }
@@ -340,6 +366,8 @@ impl<T, P: ReleasePolicy<T>> Clone for OwnedRef<T, P> {
 impl<T, P: ReleasePolicy<T>> Drop for OwnedRef<T, P> {
     #[inline(always)]
     fn drop(&mut self) {
+        // Before the put, which may free the allocation.
+        hook!(self.r().tracker.give_back(&self.holder));
         let after = self.r().put_one(self.area);
         // SAFETY: `free` is set only for the put that finished the release
         // of an orphaned ref, i.e. this one; the borrow above has ended and

@@ -142,6 +142,8 @@ impl<T, P: ReleasePolicy<T>> Builder<T, P> {
             central: AtomicI64::new(if self.dead { 0 } else { 1 }),
             key: AtomicU32::new(0),
             heat: AtomicU32::new(0),
+            #[cfg(not(percpu_ref_untracked))]
+            tracker: super::track::Tracker::new(),
             value: self.value,
             policy: self.policy,
         };

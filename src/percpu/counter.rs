@@ -46,9 +46,9 @@ use crate::sync::{fence, AtomicI64, AtomicU32, Ordering::*};
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-pub(crate) use crate::sys::rseq::Gate;
 #[cfg(percpu_ref_rseq)]
 use crate::sys::rseq as seq;
+pub(crate) use crate::sys::rseq::Gate;
 
 /// What a reference handle carries so that its get and put need no load
 /// before the restartable sequence: the rseq area token (4 bytes; `None`
@@ -133,6 +133,9 @@ pub struct PercpuRef<T, P = super::policy::NoRelease> {
     pub(crate) key: AtomicU32,
     /// Adaptive refs: contended central updates seen (see `PROMOTE_AFTER`).
     pub(crate) heat: AtomicU32,
+    /// Who holds references (feature `track`; zero-sized without it).
+    #[cfg(not(percpu_ref_untracked))]
+    pub(crate) tracker: super::track::Tracker,
     pub(crate) value: T,
     pub(crate) policy: P,
 }

@@ -40,6 +40,17 @@ impl Killing {
     pub(crate) fn needs_barrier(&self, kind: Kind) -> bool {
         self.column.is_some() && kind == Kind::Rseq
     }
+
+    /// Did this kill claim the ref's release (to run after unlocking)?
+    pub(crate) fn has_claim(&self) -> bool {
+        self.claim.is_some()
+    }
+
+    /// The claimed release was run already, by a revive of the ref on this
+    /// thread (see `lock::take_pending`): drop the claim.
+    pub(crate) fn release_ran_elsewhere(&mut self) {
+        self.claim = None;
+    }
 }
 
 impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
@@ -245,6 +256,19 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
         })
     }
 
+    /// Batched switch to atomic, phase 1, under the lock: ask for atomic
+    /// mode and close the gate. The later phases are the kill's: the
+    /// barrier if `needs_barrier`, `kill_fold`, unlock, `kill_finish`.
+    pub(crate) fn switch_begin(&self) -> Killing {
+        // Relaxed: a flag read under the lock.
+        self.state().fetch_or(FORCE_ATOMIC, Relaxed);
+        Killing {
+            column: self.close_gate(),
+            claim: None,
+            folded: None,
+        }
+    }
+
     /// Kill, phase 2, under the lock, after the barrier if one was needed:
     /// fold the slots.
     pub(crate) fn kill_fold(&self, k: &mut Killing) {
@@ -419,6 +443,15 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
                     // ref is concerned.
                     let free = self.finish_release();
                     debug_assert!(!free, "an orphaned ref cannot be revived");
+                } else if lock::take_pending(self.state()) {
+                    // A batch on this thread claimed the release and will
+                    // run it only after the release we are inside of: run
+                    // it now instead of waiting for ourselves.
+                    drop(g);
+                    let after = self.run_release(Claim);
+                    debug_assert!(!after.free, "a caller borrows the ref");
+                    after.rethrow();
+                    continue;
                 } else {
                     drop(g);
                     lock::wait_until(self.state(), |s| s & RELEASING == 0);

@@ -9,10 +9,13 @@
 //! | `slots` | per-CPU slot columns and their arena (both tiers) |
 //! | `refs` | `tryget*`, raw `get_many`/`put_many`, the borrowed `Ref` |
 //! | `arc` | `PercpuArc` (owning handle) and `OwnedRef` |
+//! | `batch` | `KillBatch`: many refs killed or switched with one barrier |
+//! | `track` | holder tracking (feature `track`) |
 //! | `builder` | `Builder` |
 //! | `policy`, `completion` | release policies |
 
 mod arc;
+mod batch;
 mod builder;
 mod completion;
 mod counter;
@@ -23,12 +26,15 @@ pub(crate) mod policy;
 mod refs;
 mod slots;
 mod state;
+mod track;
 
 pub use arc::{OwnedRef, PercpuArc};
+pub use batch::{kill_all, KillBatch, Killable};
 pub use builder::Builder;
 pub use counter::PercpuRef;
 pub use error::{KillError, ReviveError, SwitchError, Underflow};
 pub use refs::Ref;
+pub use track::{holder_label, Holder, HolderKind, Holders, LabelScope};
 
 #[cfg(not(percpu_ref_model))]
 pub(crate) use slots::{arena_usage, slot_bytes_per_ref};
@@ -59,14 +65,41 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(not(feature = "track"))]
     fn header_is_32_bytes() {
         // gate (limit 4 + state 4 + column 8) + central 8 + key 4 + heat 4.
         assert_eq!(std::mem::size_of::<PercpuRef<(), ()>>(), 32);
         // A pointer, plus the 4-byte rseq area token where that tier exists.
         let handle = if cfg!(percpu_ref_rseq) { 16 } else { 8 };
-        assert_eq!(std::mem::size_of::<Ref<'_, (), policy::NoRelease>>(), handle);
-        assert_eq!(std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(), handle);
-        assert_eq!(std::mem::size_of::<Option<Ref<'_, (), policy::NoRelease>>>(), handle);
+        assert_eq!(
+            std::mem::size_of::<Ref<'_, (), policy::NoRelease>>(),
+            handle
+        );
+        assert_eq!(
+            std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(),
+            handle
+        );
+        assert_eq!(
+            std::mem::size_of::<Option<Ref<'_, (), policy::NoRelease>>>(),
+            handle
+        );
+    }
+
+    #[test]
+    #[cfg(feature = "track")]
+    fn tracking_grows_the_header_by_its_shard_table_and_refs_by_a_token() {
+        let table = std::mem::size_of::<Box<[u8]>>();
+        assert_eq!(std::mem::size_of::<PercpuRef<(), ()>>(), 32 + table);
+        // Pointer (+ rseq area token) + an 8-byte holder token.
+        let handle = if cfg!(percpu_ref_rseq) { 24 } else { 16 };
+        assert_eq!(
+            std::mem::size_of::<Ref<'_, (), policy::NoRelease>>(),
+            handle
+        );
+        assert_eq!(
+            std::mem::size_of::<OwnedRef<(), policy::NoRelease>>(),
+            handle
+        );
     }
 }
 

@@ -3,6 +3,8 @@
 
 use super::counter::{self, Area, PercpuRef};
 use super::policy::{NoRelease, ReleasePolicy};
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
+use super::track::{self, hook, HolderKind};
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
@@ -16,7 +18,8 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     #[must_use = "dropping the Ref puts it at once"]
     pub fn tryget(&self) -> Option<Ref<'_, T, P>> {
-        self.tryget_one(false).map(|area| Ref { r: self, area })
+        self.tryget_one(false)
+            .map(|area| Ref::new(self, area, None))
     }
 
     /// Take a reference only if the ref was not killed
@@ -31,7 +34,78 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     #[must_use = "dropping the Ref puts it at once"]
     pub fn tryget_live(&self) -> Option<Ref<'_, T, P>> {
-        self.tryget_one(true).map(|area| Ref { r: self, area })
+        self.tryget_one(true).map(|area| Ref::new(self, area, None))
+    }
+
+    /// [`tryget_live`](Self::tryget_live), recording `label` as the
+    /// holder's label (feature `track`; see [`holders`](Self::holders)).
+    /// Without the feature the label is ignored.
+    ///
+    /// ```
+    /// use percpu_ref::{NoRelease, PercpuRef};
+    /// let r = PercpuRef::new(0u8, NoRelease);
+    /// let held = r.tryget_live_tagged("compaction").unwrap();
+    /// if let Some(h) = r.holders().iter().next() {
+    ///     assert_eq!(h.label(), Some("compaction")); // with `track`
+    /// }
+    /// # drop(held);
+    /// ```
+    #[inline]
+    #[must_use = "dropping the Ref puts it at once"]
+    pub fn tryget_live_tagged(&self, label: &'static str) -> Option<Ref<'_, T, P>> {
+        self.tryget_one(true)
+            .map(|area| Ref::new(self, area, Some(label)))
+    }
+
+    /// Who holds references right now (feature `track`): one [`Holder`]
+    /// per [`Ref`] and [`OwnedRef`](crate::OwnedRef), and the raw
+    /// references' ledger. Its `Display` is a leak report, for a shutdown
+    /// that waits too long. Without the feature the report is empty and
+    /// says that tracking is off.
+    ///
+    /// A snapshot: exact for references that are held the whole time it
+    /// is taken (a shutdown waiting on leaked references); one taken or
+    /// dropped meanwhile may or may not appear. The owner's initial
+    /// reference is not a holder.
+    ///
+    /// # Cost of tracking
+    ///
+    /// Every reference taken and given back registers and removes a record
+    /// in one of the ref's per-CPU shards (a short lock each, `O(1)`):
+    /// about 300 more instructions per get+put, and 45–110 ns more per
+    /// pair measured on an Intel Xeon under KVM (`benches/track.rs`:
+    /// `tryget_live`+drop 31 → 76 ns, `OwnedRef` 16 → 109 ns, two threads
+    /// on one ref 46 → 177 ns). **With `RUST_BACKTRACE` set every reference
+    /// captures a backtrace** (~150,000 instructions each): set
+    /// `RUST_LIB_BACKTRACE=0` to keep panic backtraces without that.
+    /// Without the feature nothing is recorded and get/put run the same
+    /// instructions as a build without the tracking code
+    /// (`scripts/zero-cost.sh`).
+    ///
+    /// ```
+    /// use percpu_ref::{Completion, PercpuRef};
+    /// use std::time::Duration;
+    ///
+    /// let done = Completion::new();
+    /// let r = PercpuRef::new(0u8, done.clone());
+    /// let leaked = r.tryget_live_tagged("compaction").unwrap();
+    /// r.kill().unwrap();
+    /// if !done.wait_timeout(Duration::from_millis(1)) {
+    ///     let report = r.holders();
+    ///     eprintln!("shutdown stuck: {report}");
+    ///     if report.is_tracked() {
+    ///         assert!(report.to_string().contains("label compaction"));
+    ///     }
+    /// }
+    /// # drop(leaked);
+    /// ```
+    ///
+    /// [`Holder`]: crate::Holder
+    pub fn holders(&self) -> track::Holders {
+        #[cfg(not(percpu_ref_untracked))]
+        return self.tracker.holders();
+        #[cfg(percpu_ref_untracked)]
+        track::Holders::default()
     }
 
     /// Add `n` raw references (`percpu_ref_get_many`), e.g. one per object a
@@ -47,6 +121,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     pub unsafe fn get_many(&self, n: usize) {
         if n != 0 {
             self.add(n as i64);
+            hook!(self.tracker.raw_get(n));
         }
     }
 
@@ -70,6 +145,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     #[inline]
     pub unsafe fn put_many(&self, n: usize) {
         if n != 0 {
+            hook!(self.tracker.raw_put(n));
             let after = self.sub(n as i64);
             debug_assert!(!after.free, "raw puts need a live owner");
             after.rethrow();
@@ -98,9 +174,24 @@ pub struct Ref<'a, T, P: ReleasePolicy<T> = NoRelease> {
     /// Kept next to the pointer so clone and drop need no load before
     /// their restartable sequence.
     area: Area,
+    /// The holder's record (feature `track`; zero-sized without it).
+    #[cfg(not(percpu_ref_untracked))]
+    holder: track::Token,
 }
 
 impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
+    /// Wrap a reference this thread just took.
+    #[inline(always)]
+    #[allow(unused_variables)] // `label` without the tracking code
+    fn new(r: &'a PercpuRef<T, P>, area: Area, label: Option<&'static str>) -> Self {
+        Ref {
+            r,
+            area,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: r.tracker.take(HolderKind::Ref, label),
+        }
+    }
+
     /// The ref this reference counts on.
     pub fn percpu_ref(this: &Self) -> &'a PercpuRef<T, P> {
         this.r
@@ -113,6 +204,7 @@ impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
     #[must_use = "a lost raw reference keeps the ref from ever draining"]
     pub fn into_raw(this: Self) -> &'a PercpuRef<T, P> {
         let this = ManuallyDrop::new(this);
+        hook!(this.r.tracker.to_raw(&this.holder));
         this.r
     }
 
@@ -124,10 +216,8 @@ impl<'a, T, P: ReleasePolicy<T>> Ref<'a, T, P> {
     /// [`into_raw`](Self::into_raw) or [`PercpuRef::get_many`]); it is
     /// consumed.
     pub unsafe fn from_raw(r: &'a PercpuRef<T, P>) -> Self {
-        Ref {
-            r,
-            area: counter::area(),
-        }
+        hook!(r.tracker.raw_put(1));
+        Ref::new(r, counter::area(), None)
     }
 }
 
@@ -138,6 +228,8 @@ impl<T, P: ReleasePolicy<T>> Clone for Ref<'_, T, P> {
         Ref {
             r: self.r,
             area: self.area,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: self.r.tracker.clone_of(&self.holder, HolderKind::Ref),
         }
     }
 }
@@ -145,6 +237,7 @@ impl<T, P: ReleasePolicy<T>> Clone for Ref<'_, T, P> {
 impl<T, P: ReleasePolicy<T>> Drop for Ref<'_, T, P> {
     #[inline(always)]
     fn drop(&mut self) {
+        hook!(self.r.tracker.give_back(&self.holder));
         let after = self.r.put_one(self.area);
         // The borrow keeps an owner alive, so nothing is ours to free.
         debug_assert!(!after.free);
