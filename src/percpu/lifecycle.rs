@@ -462,13 +462,16 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
             // release has finished.
             debug_assert!(self.state().load(Relaxed) & RELEASED != 0);
             self.policy.on_reinit();
+            // The kernel's order: the ref is live (not DEAD) while its count
+            // is still zero, and only then gets its count. So no thread sees
+            // a count it could take (`tryget` succeeds) on a ref whose
+            // `tryget_live` would still fail. SeqCst: from here
+            // `tryget_live` may succeed once the count is published.
+            self.state().fetch_and(!(ZERO | RELEASED | DEAD), SeqCst);
             // AcqRel: Release publishes the new life to `central_tryget`'s
             // Acquire; a swap, not a store, since misused puts may race.
             self.central.swap(1, AcqRel);
-            // Relaxed: under the lock; the central count's Release above and
-            // the unlock publish the new life.
-            self.state().fetch_and(!(ZERO | RELEASED), Relaxed);
-            self.revive_locked(s);
+            self.reopen_locked(s);
             return Ok(());
         }
     }
@@ -478,6 +481,12 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     fn revive_locked(&self, s: u32) {
         // SeqCst: from here `tryget_live` may succeed again.
         self.state().fetch_and(!DEAD, SeqCst);
+        self.reopen_locked(s);
+    }
+
+    /// Under the lock, on a live ref holding no column: back to the mode
+    /// the ref should count in.
+    fn reopen_locked(&self, s: u32) {
         // Adaptive refs start every life atomic, and promote themselves.
         if s & (FORCE_ATOMIC | ADAPTIVE) == 0 {
             // No column to be had: the ref stays atomic (still correct).
