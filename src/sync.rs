@@ -1,10 +1,28 @@
-//! The one switch between `std` and `loom`.
+//! The one switch between `std` and the model checkers.
 //!
-//! Every atomic, lock and cell in the crate comes from here, so building with
-//! `RUSTFLAGS="--cfg percpu_ref_loom"` puts the whole crate under loom's model
-//! checker. The cfg is namespaced so a downstream `--cfg loom` does not flip us.
+//! Every atomic, lock and cell in the crate comes from here, so one cfg puts
+//! the whole crate under a model checker:
+//!
+//! | cfg | backend | used for |
+//! |---|---|---|
+//! | none | `std` | everything real |
+//! | `--cfg percpu_ref_loom` | `loom` | exhaustive models of small scenarios (`tests/loom_*.rs`) |
+//! | `--cfg percpu_ref_shuttle` | `shuttle` | randomized/PCT runs of bigger scenarios (`tests/shuttle_percpu.rs`) and the fuzz-driven scheduler of `fuzz/shuttle` |
+//!
+//! Under either model `build.rs` also sets `percpu_ref_model` (no syscalls,
+//! no asm, no arena). The cfgs are namespaced so a downstream `--cfg loom`
+//! does not flip us. Every model-specific helper lives in this file, so the
+//! rest of the crate needs no per-model code.
+//!
+//! Shuttle runs every thread of a test on one OS thread and switches only at
+//! its own primitives: each atomic operation, lock, condvar wait and
+//! [`spin_loop`] is a point where the scheduler may run another thread. It
+//! treats every ordering as `SeqCst` (loom checks the weak orderings).
 
-#[cfg(not(percpu_ref_loom))]
+#[cfg(all(percpu_ref_loom, percpu_ref_shuttle))]
+compile_error!("--cfg percpu_ref_loom and --cfg percpu_ref_shuttle are exclusive: pick one model");
+
+#[cfg(not(percpu_ref_model))]
 #[allow(unused_imports)] // the full set, for every layer
 pub(crate) use std::sync::{
     atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicUsize, Ordering},
@@ -18,14 +36,27 @@ pub(crate) use loom::sync::{
     Arc, Condvar, Mutex, MutexGuard,
 };
 
-/// Spin-loop hint (a loom yield under the model checker, so spin loops
-/// terminate there).
+// `shuttle::sync::Arc` is std's (shuttle does not model reference counts of
+// `Arc`s; nothing in the crate synchronises through one).
+#[cfg(percpu_ref_shuttle)]
+#[allow(unused_imports)]
+pub(crate) use shuttle::sync::{
+    atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicUsize, Ordering},
+    Arc, Condvar, Mutex, MutexGuard,
+};
+
+/// Spin-loop hint. Under a model it is a scheduling point that yields to
+/// another thread, so spin loops terminate there (shuttle additionally
+/// tells its scheduler the thread is waiting, so a fair scheduler runs
+/// someone else).
 #[inline]
 pub(crate) fn spin_loop() {
-    #[cfg(not(percpu_ref_loom))]
+    #[cfg(not(percpu_ref_model))]
     std::hint::spin_loop();
     #[cfg(percpu_ref_loom)]
     loom::thread::yield_now();
+    #[cfg(percpu_ref_shuttle)]
+    shuttle::hint::spin_loop();
 }
 
 /// Lock a mutex, ignoring poisoning: every critical section in this crate
@@ -33,10 +64,44 @@ pub(crate) fn spin_loop() {
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     #[cfg(not(percpu_ref_loom))]
     {
+        // std and shuttle both poison; shuttle's `PoisonError` is std's.
         m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
     #[cfg(percpu_ref_loom)]
     {
         m.lock().unwrap()
+    }
+}
+
+/// The "CPU" (slot index, reduced by the caller) the calling thread uses
+/// now, under a model, where there are no CPU ids.
+///
+/// * loom: each call moves the thread to the next slot (a per-thread
+///   rotation), so models see gets and puts of one thread land on
+///   different slots (migration) without adding branches to explore.
+/// * shuttle: the scheduler's data source picks it (`next_u64`), so a
+///   fuzz-driven scheduler decides the "migrations" from its input like it
+///   decides the thread switches, and a random or PCT scheduler varies them
+///   per execution.
+#[cfg(percpu_ref_model)]
+pub(crate) fn model_cpu() -> usize {
+    #[cfg(percpu_ref_loom)]
+    {
+        use std::cell::Cell;
+        loom::thread_local! {
+            static NEXT: Cell<usize> = Cell::new(0);
+        }
+        NEXT.with(|n| {
+            let v = n.get();
+            n.set(v.wrapping_add(1));
+            v
+        })
+    }
+    #[cfg(percpu_ref_shuttle)]
+    {
+        use shuttle::rand::RngCore;
+        // Truncation is intended: only the value modulo the slot count
+        // matters.
+        shuttle::rand::thread_rng().next_u64() as usize
     }
 }

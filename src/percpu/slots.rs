@@ -144,7 +144,7 @@ impl Slots {
         }
         #[cfg(percpu_ref_model)]
         {
-            self.get(loom_cpu() % self.slots.len())
+            self.get(crate::sync::model_cpu() % self.slots.len())
         }
     }
 }
@@ -164,21 +164,6 @@ impl std::fmt::Debug for Slots {
 
 #[cfg(percpu_ref_model)]
 const LOOM_SLOTS: usize = 2;
-
-/// Under loom: each call moves the thread to the next "CPU", so models see
-/// gets and puts of one thread land on different slots (migration).
-#[cfg(percpu_ref_model)]
-fn loom_cpu() -> usize {
-    use std::cell::Cell;
-    loom::thread_local! {
-        static NEXT: Cell<usize> = Cell::new(0);
-    }
-    NEXT.with(|n| {
-        let v = n.get();
-        n.set(v.wrapping_add(1));
-        v
-    })
-}
 
 #[cfg(not(percpu_ref_model))]
 mod arena {
