@@ -102,6 +102,20 @@ fn race_reinit_vs_final_put_after_underflow() {
     );
 }
 
+/// `reinit` (and a `resurrect` of a drained ref) makes the count non-zero
+/// before it clears DEAD: in between, `tryget` succeeds on the new life
+/// while a later `tryget_live` of the same thread still fails, a history
+/// no order of the operations explains. (Not in the lifecycle issue's
+/// list; the kernel clears DEAD first and then takes the new reference.)
+#[test]
+fn race_reinit_publishes_count_before_reviving() {
+    let setup = with(|s| s.allow_reinit = true);
+    explore(
+        scenario(setup, &[&[Kill, Reinit], &[Tryget, TrygetLive, Drop(0)]]),
+        300,
+    );
+}
+
 /// `reinit` returns once the release is claimed, not finished: the new
 /// life hands out references while the old release still runs.
 #[test]

@@ -24,8 +24,8 @@
 //!   between, and none in flight at the first); after a revive returned,
 //!   no reference is handed out while the previous release still runs.
 //! * **confirm**: inside the callback the ref is dying, `tryget_live`
-//!   fails and `tryget` succeeds (the kill still holds the initial
-//!   reference); after it, every `tryget_live` that starts and ends with no
+//!   fails and (without misuse) `tryget` succeeds (the kill still holds the
+//!   initial reference); after it, every `tryget_live` that starts and ends with no
 //!   revive started since the confirm began fails.
 //! * `tryget` succeeds while its thread holds a reference.
 //! * **final**: after everything was given back and the ref killed: it is
@@ -39,8 +39,15 @@
 //!   that the sequential model of `fuzz/src/model.rs` accepts with the same
 //!   results, releases in the same ops, and the same final observables. A
 //!   `kill_and_confirm` is two model steps (the kill before the confirm,
-//!   the put after it); a `tryget_live` overlapping a kill may succeed
-//!   after it (the documented race the confirm exists for).
+//!   the put after it), and so is a `resurrect` of a dying ref (its new
+//!   reference counts before DEAD is cleared, so a put in between cannot
+//!   reach zero while a `tryget_live` in between still fails; with puts
+//!   that take no lock, no order of the two avoids that). A `tryget_live`
+//!   overlapping a kill may succeed after it (the documented race the
+//!   confirm exists for), and with misuse so may a `tryget` (a slot still
+//!   counts until the drain reaches it, even when over-puts took the true
+//!   count below zero). A `reinit` is one step: it can clear DEAD while the
+//!   count is still zero and then publish the new count.
 //!
 //! Panics the code is meant to survive (a panicking confirm, a panicking
 //! release) are thrown as [`ExpectedPanic`], caught around the op, and
@@ -239,7 +246,8 @@ impl Scenario {
     /// `reenter` (the re-entering release becomes a counting one), `misuse`
     /// (no over-puts), `release-yield` (the release runs as one step, so
     /// nothing can run while it does), `revive` (`resurrect` and `reinit`
-    /// become `tryget`). Unknown names are ignored.
+    /// become `tryget`), `confirm` (every `kill_and_confirm` becomes a
+    /// `kill`). Unknown names are ignored.
     pub fn mask(&mut self, mask: &str) {
         for name in mask.split(',').map(str::trim) {
             let s = &mut self.setup;
@@ -257,6 +265,13 @@ impl Scenario {
                 "reenter" if s.policy == Policy::Reenter => s.policy = Policy::Count,
                 "misuse" => s.misuse = false,
                 "release-yield" => s.release_yields = false,
+                "confirm" => {
+                    for op in self.threads.iter_mut().flatten() {
+                        if matches!(*op, Op::KillAndConfirm | Op::KillAndConfirmPanic) {
+                            *op = Op::Kill;
+                        }
+                    }
+                }
                 "revive" => {
                     for op in self.threads.iter_mut().flatten() {
                         if matches!(*op, Op::Resurrect | Op::Reinit) {
@@ -586,7 +601,11 @@ enum Ev {
     },
     SwitchToAtomic,
     SwitchToPercpu,
+    /// `resurrect`; if it returned `Ok`, an [`Ev::ResurrectEnd`] follows.
     Resurrect(Result<(), ReviveError>),
+    /// The second half of a successful `resurrect` of a dying ref (same
+    /// interval): its new reference is counted first, DEAD cleared after.
+    ResurrectEnd,
     Reinit(Result<(), ReviveError>),
 }
 
@@ -811,12 +830,20 @@ impl<'a> Worker<'a> {
                 if r.is_ok() {
                     sh.last_ok_revive_start.fetch_max(t.start, SeqCst);
                 }
-                let ev = if op == Op::Resurrect {
-                    Ev::Resurrect(r)
+                if op == Op::Reinit {
+                    self.push(Ev::Reinit(r), &t);
                 } else {
-                    Ev::Reinit(r)
-                };
-                self.push(ev, &t);
+                    let ok = r.is_ok();
+                    self.push(Ev::Resurrect(r), &t);
+                    if ok {
+                        self.events.push(Event {
+                            ev: Ev::ResurrectEnd,
+                            start: t.start,
+                            end: t.end,
+                            releases: 0,
+                        });
+                    }
+                }
             }
         }
     }
@@ -925,7 +952,9 @@ fn confirm_checks(sh: &Shared, pr: &Pr) {
         pr.tryget_live().is_none(),
         "confirm: tryget_live succeeded inside the confirm callback (the ref is live again)"
     );
-    if !sh.broken.load(SeqCst) {
+    // Not with misuse allowed: the count may be at or below zero then, and
+    // this get and put are not in the history the model checks.
+    if !sh.setup.misuse {
         let g = pr.tryget();
         assert!(
             g.is_some(),
@@ -1021,32 +1050,48 @@ pub fn run_scenario(scenario: &Scenario) {
     drop(main);
 
     let broken = sh.broken.load(SeqCst);
-    assert_eq!(sh.outstanding.load(SeqCst), 0, "harness bookkeeping");
-    assert!(
-        !sh.releasing.load(SeqCst),
-        "final: a release is still running"
-    );
-    assert!(arc.is_dying(), "final: not dying after the final kill");
-    if !broken {
+    // A failed final check prints the history, like the model check.
+    let check = |ok: bool, what: String| {
         assert!(
-            arc.is_zero(),
-            "final: not zero after every reference was given back: {arc:?}"
+            ok,
+            "final: {what}\nsetup: {:?}\nhistory (per thread, the last is the final kill):\n{}",
+            scenario.setup,
+            DisplayHist(&histories)
         );
-        assert!(arc.check().is_ok(), "final: underflow without misuse");
+    };
+    check(
+        sh.outstanding.load(SeqCst) == 0,
+        "harness bookkeeping".into(),
+    );
+    check(
+        !sh.releasing.load(SeqCst),
+        "a release is still running".into(),
+    );
+    check(arc.is_dying(), "not dying after the final kill".into());
+    if !broken {
+        check(
+            arc.is_zero(),
+            format!("not zero after every reference was given back: {arc:?}"),
+        );
+        check(
+            arc.check().is_ok(),
+            format!("underflow without misuse: {arc:?}"),
+        );
         let revived = sh.last_ok_revive_start.load(SeqCst);
         if !(scenario.setup.dead && revived == 0) {
             let released = sh.last_release_time.load(SeqCst);
-            assert!(
+            check(
                 released > revived,
-                "final: the last life was never released (last release at t={released}, \
-                 last successful revive started at t={revived}): {arc:?}"
+                format!(
+                    "the last life was never released (last release at t={released}, last \
+                     successful revive started at t={revived}): {arc:?}"
+                ),
             );
         }
     }
-    assert_eq!(
-        Arc::strong_count(&arc),
-        1,
-        "final: an OwnedRef leaked its Arc (a panicking release skipped its drop)"
+    check(
+        Arc::strong_count(&arc) == 1,
+        "an OwnedRef leaked its Arc (a panicking release skipped its drop)".into(),
     );
     let observed = Observed {
         dying: arc.is_dying(),
@@ -1070,7 +1115,7 @@ fn would_spin(m: &Model) -> bool {
 }
 
 /// Apply `e` to `m`; `false` if the model disagrees with what happened.
-fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_live: bool) -> bool {
+fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
     let rel0 = m.releases;
     // A kill that panicked has no result. Under misuse the underflow a
     // kill reports is read after its put, so a concurrent over-put that
@@ -1085,8 +1130,11 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_live: bool) -> bool {
             if t.tryget(*live) == *ok {
                 *m = t;
                 true
-            } else if *live && *ok && fuzzy_live && m.dead && m.count > 0 {
-                // A tryget_live racing a kill may still succeed.
+            } else if *ok && fuzzy_kill && m.dead && (m.count > 0 || setup.misuse) {
+                // A tryget_live racing a kill may still succeed (the kill
+                // sets DEAD before it drains the slots). So may a tryget
+                // after an over-put took the true count below zero: until
+                // the drain reaches its slot it counts there.
                 m.get(1);
                 true
             } else {
@@ -1120,7 +1168,25 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_live: bool) -> bool {
             m.switch_to_percpu();
             true
         }
-        Ev::Resurrect(r) => !would_spin(m) && m.resurrect() == *r,
+        Ev::Resurrect(r) => {
+            if m.dead && m.count > 0 {
+                // inc_not_zero succeeds: the new reference counts at once,
+                // the ref stays dying until the ResurrectEnd.
+                m.count += 1;
+                r.is_ok()
+            } else {
+                !would_spin(m) && m.resurrect() == *r
+            }
+        }
+        Ev::ResurrectEnd => {
+            if m.dead {
+                m.dead = false;
+                if !m.force_atomic {
+                    m.atomic = false;
+                }
+            }
+            true
+        }
         Ev::Reinit(r) => !would_spin(m) && m.reinit() == *r,
     };
     // Without misuse a kill's drain cannot reach zero (the kill holds the
@@ -1152,7 +1218,7 @@ fn observed(m: &Model) -> Observed {
 /// Search a linearization of `hist` the model accepts (depth first, with
 /// the failed (position, model) pairs memoized).
 fn check_model(setup: &Setup, hist: &[Vec<Event>], fin: &Observed) -> Result<(), String> {
-    // Kill intervals: a tryget_live overlapping one may succeed after it.
+    // Kill intervals: a get overlapping one may succeed after it.
     let kills: Vec<(u64, u64)> = hist
         .iter()
         .flatten()
