@@ -242,7 +242,8 @@ impl Scenario {
     }
 
     /// Turn off the features named in the comma-separated `mask`:
-    /// `panic` (panicking confirms and releases become plain ones),
+    /// `panic` (panicking confirms and releases become plain ones;
+    /// `panic-confirm`, `panic-release`: only those),
     /// `reenter` (the re-entering release becomes a counting one), `misuse`
     /// (no over-puts), `release-yield` (the release runs as one step, so
     /// nothing can run while it does), `revive` (`resurrect` and `reinit`
@@ -252,13 +253,15 @@ impl Scenario {
         for name in mask.split(',').map(str::trim) {
             let s = &mut self.setup;
             match name {
-                "panic" => {
-                    if s.policy == Policy::Panic {
+                "panic" | "panic-release" | "panic-confirm" => {
+                    if name != "panic-confirm" && s.policy == Policy::Panic {
                         s.policy = Policy::Count;
                     }
-                    for op in self.threads.iter_mut().flatten() {
-                        if *op == Op::KillAndConfirmPanic {
-                            *op = Op::KillAndConfirm;
+                    if name != "panic-release" {
+                        for op in self.threads.iter_mut().flatten() {
+                            if *op == Op::KillAndConfirmPanic {
+                                *op = Op::KillAndConfirm;
+                            }
                         }
                     }
                 }
