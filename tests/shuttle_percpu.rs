@@ -10,8 +10,11 @@
 //! (`fuzz/shuttle/src/steps.rs`); see its module docs for the oracles.
 //!
 //! `race_*` tests each aim at one lifecycle race or panic path; `lifecycle_*`
-//! tests are bigger mixes. A failure prints the violated oracle; replay it
-//! by running the one test (the seeds are fixed).
+//! tests are bigger mixes. A failure prints the violated oracle (and, for
+//! the model and final checks, the whole history); replay it by running the
+//! one test (the seeds are fixed). On the lifecycle code before its fixes
+//! every `race_*` test fails, and so does `lifecycle_kill_revive_cycles`
+//! (two releases at once).
 #![cfg(percpu_ref_shuttle)]
 
 #[path = "../fuzz/src/model.rs"]
@@ -56,7 +59,7 @@ fn with(f: impl FnOnce(&mut Setup)) -> Setup {
     s
 }
 
-// ------------------------------------------------ races (issue: lifecycle)
+// ------------------------------------------------ races and panic paths
 
 /// `kill_and_confirm` releases the switch lock before its confirm; a
 /// `resurrect` in that window makes the confirm run on a live ref
@@ -105,8 +108,8 @@ fn race_reinit_vs_final_put_after_underflow() {
 /// `reinit` (and a `resurrect` of a drained ref) makes the count non-zero
 /// before it clears DEAD: in between, `tryget` succeeds on the new life
 /// while a later `tryget_live` of the same thread still fails, a history
-/// no order of the operations explains. (Not in the lifecycle issue's
-/// list; the kernel clears DEAD first and then takes the new reference.)
+/// no order of the operations explains. (The kernel clears DEAD first and
+/// then takes the new reference.)
 #[test]
 fn race_reinit_publishes_count_before_reviving() {
     let setup = with(|s| s.allow_reinit = true);
