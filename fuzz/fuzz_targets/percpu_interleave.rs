@@ -290,7 +290,8 @@ fn controller(
                 assert_eq!(pr.mode(), Mode::Atomic, "switch_to_atomic");
             }
             CtlOp::SwitchToPercpu => {
-                pr.switch_to_percpu();
+                pr.switch_to_percpu()
+                    .expect("the slot arena can always grow here");
                 let want = if st.live { Mode::Percpu } else { Mode::Atomic };
                 assert_eq!(pr.mode(), want, "switch_to_percpu (live: {})", st.live);
             }

@@ -7,7 +7,7 @@
 
 use crate::model::Model;
 use arbitrary::Arbitrary;
-use percpu_ref::{Mode, OwnedRef, PercpuRef, Ref, ReleasePolicy, Tier};
+use percpu_ref::{Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReleasePolicy, Tier};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
@@ -99,6 +99,8 @@ impl ReleasePolicy<u64> for OnRelease {
 
 /// The ref type under test.
 pub type Pr = PercpuRef<u64, OnRelease>;
+/// The owning handle of the ref under test.
+pub type Handle = PercpuArc<u64, OnRelease>;
 
 /// A held reference, borrowed or owned.
 #[derive(Debug)]
@@ -286,7 +288,7 @@ pub struct Setup {
 
 impl Setup {
     /// The shared counters and the ref under test.
-    pub fn build(&self) -> (Arc<Shared>, Arc<Pr>) {
+    pub fn build(&self) -> (Arc<Shared>, Handle) {
         let shared = Arc::new(Shared {
             value: self.value,
             ..Shared::default()
@@ -304,21 +306,21 @@ impl Setup {
         if self.portable {
             b = b.portable();
         }
-        let r = b.build();
+        let r = b.build_arc();
         let tier = if self.portable {
             Tier::Portable
         } else {
             percpu_ref::init()
         };
         assert_eq!(r.tier(), tier, "tier of {self:?}");
-        (shared, Arc::new(r))
+        (shared, r)
     }
 }
 
 /// The real ref, the model, and what the harness holds.
 #[derive(Debug)]
 pub struct Harness<'env, E> {
-    arc: &'env Arc<Pr>,
+    arc: &'env Handle,
     shared: Arc<Shared>,
     misuse: bool,
     /// The reference model.
@@ -330,7 +332,7 @@ pub struct Harness<'env, E> {
 
 impl<'env, E: Exec<'env>> Harness<'env, E> {
     /// Start checking `arc` (fresh from `setup.build()`).
-    pub fn new(setup: &Setup, shared: Arc<Shared>, arc: &'env Arc<Pr>, exec: E) -> Self {
+    pub fn new(setup: &Setup, shared: Arc<Shared>, arc: &'env Handle, exec: E) -> Self {
         let h = Harness {
             arc,
             shared,
@@ -354,7 +356,7 @@ impl<'env, E: Exec<'env>> Harness<'env, E> {
 
     /// Apply `op` on executor `t`, to the ref and the model, then compare.
     pub fn step(&mut self, t: usize, op: Op) {
-        let arc: &'env Arc<Pr> = self.arc;
+        let arc: &'env Handle = self.arc;
         let pr: &'env Pr = arc;
         match op {
             Op::Tryget | Op::TrygetLive | Op::TrygetOwned | Op::TrygetLiveOwned => {
@@ -424,7 +426,7 @@ impl<'env, E: Exec<'env>> Harness<'env, E> {
                     if owned {
                         // SAFETY: the harness owns `raw` > 0 raw references
                         // and gives one up here.
-                        Held::O(unsafe { OwnedRef::from_raw(Arc::clone(arc)) })
+                        Held::O(unsafe { OwnedRef::from_raw(PercpuArc::as_ptr(arc)) })
                     } else {
                         // SAFETY: as above.
                         Held::B(unsafe { Ref::from_raw(pr) })
@@ -483,7 +485,9 @@ impl<'env, E: Exec<'env>> Harness<'env, E> {
                 self.model.switch_to_atomic();
             }
             Op::SwitchToPercpu => {
-                self.exec.run(t, move || pr.switch_to_percpu());
+                self.exec
+                    .run(t, move || pr.switch_to_percpu())
+                    .expect("the slot arena can always grow here");
                 self.model.switch_to_percpu();
             }
             Op::Resurrect => {

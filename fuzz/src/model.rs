@@ -13,7 +13,7 @@
 use percpu_ref::{KillError, Mode, ReviveError};
 
 /// Observable and internal state of one ref, as the docs define it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Model {
     /// True count: owner's initial reference + Refs + raw references.
     pub count: i64,

@@ -158,6 +158,12 @@ impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
             .map(|area| OwnedRef::new(self.ptr(), area))
     }
 
+    /// The ref's address, for [`OwnedRef::from_raw`] of a raw reference
+    /// taken with [`get_many`](PercpuRef::get_many) (like `Arc::as_ptr`).
+    pub fn as_ptr(this: &Self) -> *const PercpuRef<T, P> {
+        this.ptr().as_ptr()
+    }
+
     /// Number of handles (owners) right now; a snapshot.
     pub fn handle_count(this: &Self) -> usize {
         // Relaxed: a snapshot for diagnostics.
@@ -332,12 +338,30 @@ impl<T, P: ReleasePolicy<T>> OwnedRef<T, P> {
         this.ptr.as_ptr()
     }
 
-    /// Re-wrap a raw pointer from [`into_raw`](Self::into_raw).
+    /// Re-wrap a raw reference as an owned one.
+    ///
+    /// ```
+    /// use percpu_ref::{NoRelease, OwnedRef, PercpuArc};
+    /// let r = PercpuArc::new(5, NoRelease);
+    /// let raw = OwnedRef::into_raw(r.tryget_owned().unwrap());
+    /// // SAFETY: `raw` holds the count `into_raw` kept.
+    /// let back = unsafe { OwnedRef::from_raw(raw) };
+    /// assert_eq!(*back, 5);
+    /// // SAFETY: we hold a reference (`back`) while taking a raw one, and
+    /// // hand that raw one to `from_raw` with the ref's address.
+    /// let more = unsafe {
+    ///     r.get_many(1);
+    ///     OwnedRef::from_raw(PercpuArc::as_ptr(&r))
+    /// };
+    /// drop((back, more));
+    /// ```
     ///
     /// # Safety
     ///
-    /// `p` came from `OwnedRef::into_raw` (of the same `T`, `P`) and its
-    /// count has not been given back; it is consumed.
+    /// `p` came from `OwnedRef::into_raw` or [`PercpuArc::as_ptr`] (of the
+    /// same `T`, `P`), and the caller owns one raw reference on that ref
+    /// (kept by `into_raw`, [`Ref::into_raw`](crate::Ref::into_raw) or taken
+    /// with [`get_many`](PercpuRef::get_many)); it is consumed.
     pub unsafe fn from_raw(p: *const PercpuRef<T, P>) -> Self {
         // SAFETY: from `into_raw`, never null.
         let ptr = unsafe { NonNull::new_unchecked(p.cast_mut()) };

@@ -160,7 +160,7 @@ impl Completion {
         true
     }
 
-    #[cfg(not(percpu_ref_loom))]
+    #[cfg(not(percpu_ref_model))]
     fn wait_for<'a>(&'a self, st: MutexGuard<'a, State>, d: Duration) -> MutexGuard<'a, State> {
         self.inner
             .cond
@@ -169,11 +169,11 @@ impl Completion {
             .0
     }
 
-    /// Loom has no clock: a timed wait is a wait that may return early.
-    #[cfg(percpu_ref_loom)]
+    /// Models have no clock: a timed wait is a wait that may return early.
+    #[cfg(percpu_ref_model)]
     fn wait_for<'a>(&'a self, st: MutexGuard<'a, State>, _d: Duration) -> MutexGuard<'a, State> {
         drop(st);
-        loom::thread::yield_now();
+        crate::sync::model_yield();
         self.state()
     }
 

@@ -230,7 +230,7 @@ impl<T, P> PercpuRef<T, P> {
         self.state().load(Relaxed) & ATOMIC != 0
             // Acquire: pairs with the AcqRel decrement that reached zero, so
             // a caller that sees zero also sees every holder's last use.
-            && self.central.load(Acquire) <= 0
+            && self.central.load(Acquire) == 0
     }
 
     /// `Err(Underflow)` once more puts than gets were seen (sticky). Puts

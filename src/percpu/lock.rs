@@ -33,17 +33,17 @@ struct Bucket {
     cond: Condvar,
 }
 
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 const BUCKETS: usize = 64;
-#[cfg(percpu_ref_loom)]
+#[cfg(percpu_ref_model)]
 const BUCKETS: usize = 1;
 
-#[cfg(not(percpu_ref_loom))]
+#[cfg(not(percpu_ref_model))]
 crate::sync::global! {
     static PARKING: [Bucket; BUCKETS] =
         [const { Bucket { mutex: Mutex::new(()), cond: Condvar::new() } }; BUCKETS];
 }
-#[cfg(percpu_ref_loom)]
+#[cfg(percpu_ref_model)]
 crate::sync::global! {
     static PARKING: [Bucket; BUCKETS] =
         std::array::from_fn(|_| Bucket { mutex: Mutex::new(()), cond: Condvar::new() });
