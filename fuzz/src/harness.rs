@@ -544,6 +544,7 @@ impl<'env, E: Exec<'env>> Harness<'env, E> {
             Ok(()) => {
                 self.model = after;
                 let want = self.model.kill_end(confirm);
+                self.model.kill_release();
                 assert_eq!(got, want, "kill result differs from the model");
             }
         }

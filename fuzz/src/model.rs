@@ -33,6 +33,16 @@ pub struct Model {
     pub releases: u64,
     /// How often a `kill_and_confirm` callback ran.
     pub confirms: u64,
+    /// Between `kill_begin` and `kill_end`: the real kill holds the switch
+    /// lock, so no switch or revive can happen in between.
+    pub killing: bool,
+    /// A release claimed under the kill's lock (by its fold or its own
+    /// put); it runs when the kill has released the lock, after the confirm
+    /// callback. Another thread's put that crosses zero meanwhile releases
+    /// at once, as always.
+    pub release_due: bool,
+    /// Inside the kill's own fold or put (claims are deferred).
+    under_lock: bool,
 }
 
 impl Model {
@@ -50,6 +60,9 @@ impl Model {
             underflow: false,
             releases: 0,
             confirms: 0,
+            killing: false,
+            release_due: false,
+            under_lock: false,
         }
     }
 
@@ -81,9 +94,14 @@ impl Model {
                 // A live ref holds its initial reference: zero is underflow.
                 self.underflow = true;
             } else if !self.released {
-                // Exactly once per kill.
+                // Exactly once per kill; a claim made under the kill's lock
+                // runs when the kill ends.
                 self.released = true;
-                self.releases += 1;
+                if self.under_lock {
+                    self.release_due = true;
+                } else {
+                    self.releases += 1;
+                }
             }
         }
     }
@@ -120,6 +138,17 @@ impl Model {
         }
     }
 
+    /// A put that lands while a kill holds the lock but before its fold
+    /// (on the central count, whose bias is still there): no crossing is
+    /// seen then; the fold that follows takes the count to zero and the
+    /// kill's claim runs when it ends. Only an over-put (misuse) can do
+    /// this: otherwise the kill's initial reference keeps the count up.
+    pub fn put_before_kill_fold(&mut self, n: u64) {
+        self.under_lock = true;
+        self.put(n);
+        self.under_lock = false;
+    }
+
     /// Percpu → atomic: the slots are folded into the central count, which
     /// carried the (positive) bias until now.
     fn fold(&mut self) {
@@ -151,8 +180,11 @@ impl Model {
             return Err(KillError::AlreadyDead);
         }
         self.dead = true;
+        self.killing = true;
         if !self.atomic {
+            self.under_lock = true;
             self.fold();
+            self.under_lock = false;
         }
         Ok(())
     }
@@ -163,17 +195,30 @@ impl Model {
         if confirmed {
             self.confirms += 1;
         }
+        self.under_lock = true;
         self.put(1);
+        self.under_lock = false;
         if self.count <= 0 && !self.released {
             // The count crossed zero while the ref was live (an underflow):
             // it is drained now, so the kill releases it.
             self.released = true;
-            self.releases += 1;
+            self.release_due = true;
         }
+        self.killing = false;
         if self.count < 0 || self.underflow {
             Err(KillError::Underflow { count: self.count })
         } else {
             Ok(())
+        }
+    }
+
+    /// The end of a kill, after its lock is released: a release it claimed
+    /// runs now (other threads' steps may come between the kill's put and
+    /// this, but no revive: a revive waits for the release to finish).
+    pub fn kill_release(&mut self) {
+        if self.release_due {
+            self.release_due = false;
+            self.releases += 1;
         }
     }
 

@@ -607,8 +607,8 @@ enum Ev {
     Put(u64),
     /// The kill up to the confirm (the switch to atomic and the drain);
     /// `ok`: not `AlreadyDead`. `joint`: a kill without a confirm, whose
-    /// two halves share one interval and whose releases are all counted
-    /// in its [`Ev::KillEnd`].
+    /// three parts share one interval and whose releases are all counted
+    /// in its [`Ev::KillRelease`].
     KillBegin {
         ok: bool,
         joint: bool,
@@ -618,6 +618,12 @@ enum Ev {
     KillEnd {
         result: Option<Result<(), KillError>>,
         confirmed: bool,
+        joint: bool,
+    },
+    /// The kill's lock is released and a release it claimed runs (same
+    /// interval as its [`Ev::KillEnd`], after it): other threads' steps
+    /// may fall between, but no revive (revives wait for the release).
+    KillRelease {
         joint: bool,
     },
     SwitchToAtomic,
@@ -928,6 +934,12 @@ impl<'a> Worker<'a> {
                     },
                     start: e,
                     end: t.end,
+                    releases: 0,
+                });
+                self.events.push(Event {
+                    ev: Ev::KillRelease { joint: false },
+                    start: e,
+                    end: t.end,
                     releases: t.releases - before,
                 });
             }
@@ -943,11 +955,17 @@ impl<'a> Worker<'a> {
                     end: t.end,
                     releases: 0,
                 });
-                let ev = Ev::KillEnd {
-                    result,
-                    confirmed: false,
-                    joint: true,
-                };
+                self.events.push(Event {
+                    ev: Ev::KillEnd {
+                        result,
+                        confirmed: false,
+                        joint: true,
+                    },
+                    start: t.start,
+                    end: t.end,
+                    releases: 0,
+                });
+                let ev = Ev::KillRelease { joint: true };
                 self.push(ev, &t);
             }
         }
@@ -1035,6 +1053,7 @@ struct Observed {
     zero: bool,
     underflow: bool,
     confirms: u64,
+    releases: u64,
 }
 
 /// One execution of `scenario`: must run inside a shuttle test (a
@@ -1117,6 +1136,7 @@ pub fn run_scenario(scenario: &Scenario) {
         zero: arc.is_zero(),
         underflow: arc.check().is_err(),
         confirms: sh.confirms.load(SeqCst),
+        releases: sh.releases.load(SeqCst),
     };
     // The last handle: a released ref's memory is freed now, or was by the
     // release's thread if every handle had gone first.
@@ -1142,7 +1162,7 @@ pub fn run_scenario(scenario: &Scenario) {
 /// reinits) from model state `m`? The real one waits for a release claim
 /// that never comes; no real history linearizes there.
 fn would_spin(m: &Model) -> bool {
-    m.dead && m.allow_reinit && m.count <= 0 && !(m.released || m.underflow)
+    m.dead && m.allow_reinit && m.count <= 0 && !m.released
 }
 
 /// Apply `e` to `m`; `false` if the model disagrees with what happened.
@@ -1181,7 +1201,13 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
             true
         }
         Ev::Put(n) => {
-            m.put(*n);
+            if m.killing && e.releases == 0 {
+                // It may have landed between the kill's closing and its
+                // fold: then the kill releases, not this put.
+                m.put_before_kill_fold(*n);
+            } else {
+                m.put(*n);
+            }
             true
         }
         Ev::KillBegin { ok, .. } => m.kill_begin().is_ok() == *ok,
@@ -1190,6 +1216,17 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
         } => {
             let want = m.kill_end(*confirmed);
             same_kill(result, &want)
+        }
+        // A kill holds the switch lock from its begin to its end: nothing
+        // that takes the lock linearizes in between.
+        Ev::SwitchToAtomic | Ev::SwitchToPercpu | Ev::Resurrect(_) | Ev::Reinit(_) if m.killing => {
+            false
+        }
+        // A revive waits for a claimed release to finish.
+        Ev::Resurrect(_) | Ev::Reinit(_) if m.release_due => false,
+        Ev::KillRelease { .. } => {
+            m.kill_release();
+            true
         }
         Ev::SwitchToAtomic => {
             m.switch_to_atomic();
@@ -1220,14 +1257,14 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
         }
         Ev::Reinit(r) => !would_spin(m) && m.reinit() == *r,
     };
-    // Without misuse a kill's drain cannot reach zero (the kill holds the
-    // initial reference), so a joint kill's releases all belong to its end;
-    // with misuse the drain may release too, and which half did is unknown.
-    let joint = matches!(
-        e.ev,
-        Ev::KillBegin { joint: true, .. } | Ev::KillEnd { joint: true, .. }
-    );
-    if !ok || (!(joint && setup.misuse) && m.releases - rel0 != u64::from(e.releases)) {
+    // Without misuse every release belongs to one step: a put that crosses
+    // zero on a killed ref, or the kill's end. With misuse (an over-put) the
+    // count can cross zero while the ref is live and a racing kill be seen
+    // by that put's claim, so which step ran a life's release is not
+    // determined by a linearization: only the total is compared, at the end
+    // (`Observed::releases`); exactly-once per life is checked by the
+    // release itself.
+    if !ok || (!setup.misuse && m.releases - rel0 != u64::from(e.releases)) {
         return false;
     }
     if setup.policy == Policy::Reenter && m.releases > rel0 {
@@ -1243,6 +1280,7 @@ fn observed(m: &Model) -> Observed {
         zero: m.is_zero(),
         underflow: m.underflow,
         confirms: m.confirms,
+        releases: m.releases,
     }
 }
 
