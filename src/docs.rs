@@ -61,11 +61,11 @@
 /// Zero is only reachable on the central count, after a fold or by
 /// underflow. Within a life the central count starts above zero and moves
 /// by read-modify-writes, so at most one RMW takes it from `> 0` to `<= 0`.
-/// The thread that made it records the crossing (`ZERO`) and, if the ref is
-/// killed, claims the release (`RELEASING`) **in one RMW** of the state
-/// word. A kill whose own put finds the count already `<= 0` (it crossed
-/// while live — an underflow) claims under the lock. `reinit` waits until
-/// the crossing is recorded and the release has *finished* (`RELEASED`), so
+/// The thread that made it claims the release (`RELEASING`) with one RMW
+/// of the state word if the ref is killed. A kill whose own put finds the
+/// count already `<= 0` (it crossed while live — an underflow) claims under
+/// the lock. So every killed life whose count is `<= 0` gets exactly one
+/// claim. `reinit` waits until the release has *finished* (`RELEASED`), so
 /// no claim of an old life lands on a new one and two releases never
 /// overlap. A release claimed under the switch lock (by the kill's fold or
 /// initial put) runs after the lock is released, so a release may switch,

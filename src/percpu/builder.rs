@@ -132,7 +132,7 @@ impl<T, P: ReleasePolicy<T>> Builder<T, P> {
             state |= ADAPTIVE;
         }
         if self.dead {
-            state |= DEAD | ZERO | RELEASED;
+            state |= DEAD | RELEASED;
         }
         if self.allow_reinit {
             state |= ALLOW_REINIT;

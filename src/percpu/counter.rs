@@ -19,16 +19,17 @@
 //! starts above zero and moves by read-modify-writes, so at most one RMW
 //! takes it from `> 0` to `<= 0` (a get needs a held reference, a tryget
 //! refuses at `<= 0`). The thread whose RMW did it — a put, or a fold under
-//! the switch lock — records the crossing (`ZERO`) and, if the ref is
-//! killed, claims the release (`RELEASING`), in **one** RMW of the state
-//! word. A kill whose own put leaves the count `<= 0` without crossing (the
-//! count had already crossed while live: an underflow) claims it under the
-//! lock. So every killed life whose count is `<= 0` has exactly one claim,
-//! made either under the lock or in the `ZERO` RMW.
+//! the switch lock — then claims the release (`RELEASING`) with one RMW of
+//! the state word if the ref is killed (one RMW: two claimants can never
+//! both win). A kill whose own put leaves the count `<= 0` without crossing
+//! (the count had already crossed while live: an underflow) claims it under
+//! the lock. So every killed life whose count is `<= 0` has exactly one
+//! claim, made either under the lock or by the crossing put.
 //!
-//! `reinit` (under the lock) waits until `ZERO` is recorded and the claimed
-//! release has finished (`RELEASED`); only then does it start a new life.
-//! Hence no claim of an old life can land on the new one, no release is
+//! `reinit` (under the lock) waits until the claimed release has finished
+//! (`RELEASED`); only then does it start a new life. Hence no claim of an
+//! old life can land on the new one (a crossing put's claim is either
+//! recorded before `RELEASED` appears, or never needed), no release is
 //! skipped, two releases of one ref never overlap, and `reinit` never
 //! returns while the previous release is still running — unless `reinit`
 //! is called from inside that release, on its own thread; then it finishes
@@ -499,7 +500,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
         let prev = self
             .state()
             .fetch_update(AcqRel, Acquire, |s| {
-                let mut n = s | ZERO;
+                let mut n = s;
                 claimed = s & DEAD != 0 && s & (RELEASING | RELEASED) == 0;
                 if claimed {
                     n |= RELEASING;

@@ -415,28 +415,8 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
             if s & ORPHANED != 0 {
                 return Err(ReviveError::Orphaned);
             }
-            if !reinit {
-                // inc_not_zero: a put may take the count to zero at any
-                // moment; if it did, only a reinit may follow.
-                if self.central_tryget(false) {
-                    self.revive_locked(s);
-                    return Ok(());
-                }
-            }
-            if s & ALLOW_REINIT == 0 {
-                return Err(ReviveError::ReinitNotAllowed);
-            }
-            // Acquire: pairs with the AcqRel RMW that took it to zero.
-            if reinit && self.central.load(Acquire) > 0 {
-                return Err(ReviveError::NotDrained);
-            }
-            // The count is <= 0: its crossing happened; wait (unlocked)
-            // until it is recorded and its release has finished.
-            if s & ZERO == 0 {
-                drop(g);
-                lock::wait_until(self.state(), |s| s & ZERO != 0 || s & DEAD == 0);
-                continue;
-            }
+            // A release of this life is running: wait (unlocked) until it
+            // has finished, so a new life never overlaps it.
             if s & RELEASING != 0 {
                 if lock::finish_own_release(self.state()) {
                     // Inside our own release: it is finished as far as the
@@ -458,16 +438,44 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
                     continue;
                 }
             }
-            // Every killed life whose count is <= 0 has a claim, and its
-            // release has finished.
-            debug_assert!(self.state().load(Relaxed) & RELEASED != 0);
+            if !reinit {
+                // inc_not_zero: a put may take the count to zero at any
+                // moment; if it did, only a reinit may follow.
+                if self.central_tryget(false) {
+                    // Relaxed: under the lock. A release of this life can
+                    // only have run if misused puts took the count to zero
+                    // and gets brought it back: the new life gets its own.
+                    self.state().fetch_and(!RELEASED, Relaxed);
+                    self.revive_locked(s);
+                    return Ok(());
+                }
+            }
+            if s & ALLOW_REINIT == 0 {
+                return Err(ReviveError::ReinitNotAllowed);
+            }
+            // Acquire: pairs with the AcqRel RMW that took it to zero.
+            if reinit && self.central.load(Acquire) > 0 {
+                return Err(ReviveError::NotDrained);
+            }
+            // The count is <= 0, so this life's release is claimed, or will
+            // be by the put whose RMW took it there and has not recorded
+            // that yet (see `counter.rs`): wait (unlocked) for it.
+            // Acquire (in `wait_until`): the release's effects happen
+            // before the new life.
+            if self.state().load(Acquire) & RELEASED == 0 {
+                drop(g);
+                lock::wait_until(self.state(), |s| {
+                    s & (RELEASED | RELEASING) != 0 || s & DEAD == 0
+                });
+                continue;
+            }
             self.policy.on_reinit();
             // The kernel's order: the ref is live (not DEAD) while its count
             // is still zero, and only then gets its count. So no thread sees
             // a count it could take (`tryget` succeeds) on a ref whose
             // `tryget_live` would still fail. SeqCst: from here
             // `tryget_live` may succeed once the count is published.
-            self.state().fetch_and(!(ZERO | RELEASED | DEAD), SeqCst);
+            self.state().fetch_and(!(RELEASED | DEAD), SeqCst);
             // AcqRel: Release publishes the new life to `central_tryget`'s
             // Acquire; a swap, not a store, since misused puts may race.
             self.central.swap(1, AcqRel);

@@ -4,11 +4,11 @@
 //!  bit            set by                               cleared by
 //!  ATOMIC         switch_to_atomic, kill, build        switch_to_percpu, revive
 //!  DEAD           kill, builder .dead()                resurrect, reinit
-//!  ZERO           the put (or fold) whose RMW took     reinit
-//!                 the central count from > 0 to <= 0,
-//!                 in the same RMW that may claim
-//!  RELEASING      the claim of this life's release     finish_release
-//!  RELEASED       finish_release (the release          reinit
+//!  RELEASING      the claim of this life's release:    finish_release
+//!                 the put (or fold) whose RMW took
+//!                 the count from > 0 to <= 0, or the
+//!                 kill whose put found it <= 0
+//!  RELEASED       finish_release (the release          reinit, resurrect
 //!                 returned or panicked), .dead()
 //!  FORCE_ATOMIC   switch_to_atomic, .atomic()          switch_to_percpu
 //!  ALLOW_REINIT   .allow_reinit(), .dead()             never
@@ -21,48 +21,46 @@
 //!  LOCKED         lock()                               unlock()
 //!  PARKED         a thread waiting on this word        the waker
 //!
-//!  life state     ATOMIC DEAD ZERO RELEASING RELEASED   count lives in
-//!  percpu-live      0     0    0       0        0       central (+ BIAS) + column
-//!  atomic-live      1     0    0       0        0       central
-//!  dying            1     1    0       0        0       central (> 0)
-//!  releasing        1     1    1       1        0       central (<= 0), release running
-//!  released         1     1    1       0        1       central (<= 0)
+//!  life state     ATOMIC DEAD RELEASING RELEASED   count lives in
+//!  percpu-live      0     0      0        0       central (+ BIAS) + column
+//!  atomic-live      1     0      0        0       central
+//!  dying            1     1      0        0       central (> 0)
+//!  releasing        1     1      1        0       central (<= 0), release running
+//!  released         1     1      0        1       central (<= 0)
 //! ```
 //!
 //! Every write to the word is a read-modify-write, so no update is lost and
-//! each RMW reads the latest value (the claim of a release and the
-//! acknowledgement of a zero crossing are one RMW).
+//! each RMW reads the latest value (two claims of one release cannot both
+//! win).
 
 /// Counting goes to the central count; the ref holds no column.
 pub(crate) const ATOMIC: u32 = 1 << 0;
 /// Killed: `tryget_live` fails.
 pub(crate) const DEAD: u32 = 1 << 1;
-/// This life's count crossed to zero and the crossing thread recorded it.
-pub(crate) const ZERO: u32 = 1 << 2;
 /// This life's release was claimed and is running.
-pub(crate) const RELEASING: u32 = 1 << 3;
+pub(crate) const RELEASING: u32 = 1 << 2;
 /// This life's release ran (or the ref was built dead).
-pub(crate) const RELEASED: u32 = 1 << 4;
+pub(crate) const RELEASED: u32 = 1 << 3;
 /// The user asked for atomic mode; `resurrect`/`reinit` stay atomic.
-pub(crate) const FORCE_ATOMIC: u32 = 1 << 5;
+pub(crate) const FORCE_ATOMIC: u32 = 1 << 4;
 /// `reinit` is permitted.
-pub(crate) const ALLOW_REINIT: u32 = 1 << 6;
+pub(crate) const ALLOW_REINIT: u32 = 1 << 5;
 /// More puts than gets were seen.
-pub(crate) const UNDERFLOW: u32 = 1 << 7;
+pub(crate) const UNDERFLOW: u32 = 1 << 6;
 /// This ref counts with atomic compare-exchanges on its slots (the portable
 /// tier); clear: with the rseq tier's plain adds.
-pub(crate) const PORTABLE: u32 = 1 << 8;
+pub(crate) const PORTABLE: u32 = 1 << 7;
 /// Starts atomic and promotes itself to percpu under contention.
-pub(crate) const ADAPTIVE: u32 = 1 << 9;
+pub(crate) const ADAPTIVE: u32 = 1 << 8;
 /// The ref lives inside a `PercpuArc` allocation.
-pub(crate) const IN_ARC: u32 = 1 << 10;
+pub(crate) const IN_ARC: u32 = 1 << 9;
 /// Every `PercpuArc` handle is gone: nobody can revive the ref, and the
 /// allocation is freed when the release has finished.
-pub(crate) const ORPHANED: u32 = 1 << 11;
+pub(crate) const ORPHANED: u32 = 1 << 10;
 /// The switch lock (mode switches, kill, revive).
-pub(crate) const LOCKED: u32 = 1 << 12;
+pub(crate) const LOCKED: u32 = 1 << 11;
 /// Some thread sleeps until this word changes (see `lock.rs`).
-pub(crate) const PARKED: u32 = 1 << 13;
+pub(crate) const PARKED: u32 = 1 << 12;
 
 /// Added to the central count while the ref counts on a column (as the
 /// kernel's `PERCPU_COUNT_BIAS`): the true count is `central - BIAS + Σ
