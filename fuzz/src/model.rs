@@ -224,7 +224,14 @@ impl Model {
 
     fn revive(&mut self) {
         self.dead = false;
-        if !self.force_atomic {
+        self.reopen();
+    }
+
+    /// The last step of a revive: back to percpu mode unless forced atomic
+    /// (a reinit publishes the new life in atomic mode first, then opens
+    /// the per-CPU slots, under the lock).
+    pub fn reopen(&mut self) {
+        if !self.dead && !self.force_atomic {
             self.atomic = false;
         }
     }
@@ -239,7 +246,33 @@ impl Model {
         );
         self.count = 1;
         self.released = false;
-        self.revive();
+        self.dead = false;
+        self.atomic = true;
+        self.reopen();
+    }
+
+    /// `reinit` up to the new life (count 1, live, still atomic), without
+    /// [`reopen`](Self::reopen): for a checker that linearizes the two
+    /// steps separately. Same errors as [`reinit`](Self::reinit).
+    pub fn reinit_begin(&mut self) -> Result<(), ReviveError> {
+        if !self.dead {
+            return Err(ReviveError::Live);
+        }
+        if !self.allow_reinit {
+            return Err(ReviveError::ReinitNotAllowed);
+        }
+        if self.count > 0 {
+            return Err(ReviveError::NotDrained);
+        }
+        assert!(
+            self.released,
+            "model: reinit of a drained ref that was never released: {self:?}"
+        );
+        self.count = 1;
+        self.released = false;
+        self.dead = false;
+        self.atomic = true;
+        Ok(())
     }
 
     /// `resurrect()`.

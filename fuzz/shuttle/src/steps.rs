@@ -633,7 +633,11 @@ enum Ev {
     /// The second half of a successful `resurrect` of a dying ref (same
     /// interval): its new reference is counted first, DEAD cleared after.
     ResurrectEnd,
+    /// `reinit`; if it returned `Ok`, an [`Ev::ReinitEnd`] follows.
     Reinit(Result<(), ReviveError>),
+    /// The second half of a successful `reinit` (same interval): the new
+    /// life is published in atomic mode first, the per-CPU slots open after.
+    ReinitEnd,
 }
 
 #[derive(Debug, Clone)]
@@ -858,7 +862,16 @@ impl<'a> Worker<'a> {
                     sh.last_ok_revive_start.fetch_max(t.start, SeqCst);
                 }
                 if op == Op::Reinit {
+                    let ok = r.is_ok();
                     self.push(Ev::Reinit(r), &t);
+                    if ok {
+                        self.events.push(Event {
+                            ev: Ev::ReinitEnd,
+                            start: t.start,
+                            end: t.end,
+                            releases: 0,
+                        });
+                    }
                 } else {
                     let ok = r.is_ok();
                     self.push(Ev::Resurrect(r), &t);
@@ -1243,19 +1256,21 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
                 m.count += 1;
                 r.is_ok()
             } else {
-                !would_spin(m) && m.resurrect() == *r
+                // A drained ref: a reinit, whose slots open at the
+                // ResurrectEnd.
+                !would_spin(m) && m.reinit_begin() == *r
             }
         }
         Ev::ResurrectEnd => {
-            if m.dead {
-                m.dead = false;
-                if !m.force_atomic {
-                    m.atomic = false;
-                }
-            }
+            m.dead = false;
+            m.reopen();
             true
         }
-        Ev::Reinit(r) => !would_spin(m) && m.reinit() == *r,
+        Ev::Reinit(r) => !would_spin(m) && m.reinit_begin() == *r,
+        Ev::ReinitEnd => {
+            m.reopen();
+            true
+        }
     };
     // Without misuse every release belongs to one step: a put that crosses
     // zero on a killed ref, or the kill's end. With misuse (an over-put) the
