@@ -19,7 +19,10 @@
 //! | `region` | the mapping, `persist`, unmap-once |
 //! | `free` | per-CPU free-page caches in front of a shared list |
 //! | `registry` | address → pool, lock-free reads (`arc-swap`) |
-//! | `pool` | `DevicePagePool`, `DevicePage`, `ShutdownHandle` |
+//! | `shared` | what pages and handles share: page table, hook, the pool's `PercpuRef` and its release (the ownership argument) |
+//! | `pool` | `DevicePagePool`: open, alloc, lookup, shutdown, persist |
+//! | `page` | `DevicePage`, the counted page handle |
+//! | `shutdown` | `ShutdownHandle`, its future and report |
 //!
 //! Syscalls, sysfs and the flush instructions are in `sys::mem`.
 //!
@@ -31,12 +34,15 @@ mod backend;
 mod error;
 mod free;
 mod options;
+mod page;
 mod pool;
 mod region;
 mod registry;
+mod shared;
+mod shutdown;
 
 pub use error::{PoolError, StillHeld};
 pub use options::{Backend, PersistMethod, PoolOptions, MIN_PAGE_SIZE};
-pub use pool::{
-    DevicePage, DevicePagePool, PoolStats, ShutdownFuture, ShutdownHandle, ShutdownReport,
-};
+pub use page::DevicePage;
+pub use pool::{DevicePagePool, PoolStats};
+pub use shutdown::{ShutdownFuture, ShutdownHandle, ShutdownReport};

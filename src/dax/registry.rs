@@ -3,7 +3,7 @@
 //! read without locks, replaced copy-on-write when a pool is registered or
 //! released (rare).
 
-use super::pool::Shared;
+use super::shared::Shared;
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 

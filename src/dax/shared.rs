@@ -1,0 +1,292 @@
+//! What a pool's pages and handles share: the page table and its hook,
+//! the free lists, the pool's `PercpuRef` and its release.
+//!
+//! # Ownership (why unmapping under a live page is impossible)
+//!
+//! * `Shared` (page table, free lists, the pool's `PercpuRef` whose value
+//!   is the mapped `Region`) lives in an `Arc`. Its strong count is held by
+//!   the pool handle, every `ShutdownHandle`, the registry entry, and the
+//!   per-CPU *shards*.
+//! * A shard is a small `Arc` of its own holding an `Arc<Shared>`; there is
+//!   one per CPU, owned by the pool until its release. Every allocated page
+//!   holds **one strong count on a shard** — the shard of the CPU that
+//!   allocated it — taken when `alloc` moves the page 0→1 and given back by
+//!   whichever `DevicePage` drop moves it 1→0, *after* the page hook
+//!   returned. So pages keep `Shared` alive, yet two CPUs allocating and
+//!   freeing never write the same counter (a single `Arc<Shared>` count per
+//!   allocation made the 2-thread alloc+free pair ~1.6× slower). Cloning a
+//!   page touches only the page's counter.
+//! * Each allocated page also holds one reference on the `PercpuRef` (its
+//!   hook: `tryget_live` on 0→1, free-list push then `put` on 1→0). The
+//!   `PercpuRef`'s release unregisters and unmaps the region. It can only
+//!   run once the ref is killed (shutdown, or the pool handle dropped) and
+//!   every page is free, so no `DevicePage` — and no slice borrowed from
+//!   one — exists when the memory goes away.
+//! * So the handle may be dropped first: the pages keep `Shared` alive,
+//!   the last page's drop unmaps, and the last `Arc` frees the metadata.
+//!
+//! Every thread that runs code inside `Shared` holds one of those strong
+//! counts, except a page `put` that did not reach zero (2→1), which may
+//! still be returning from `PageRef::dec_and_test` when another thread
+//! frees `Shared`. That is sound because the page entries (`PageRef` plus
+//! [`PoolHook`]) consist only of atomics, with no padding: like `Arc`'s own
+//! counter, a `&AtomicU32`-only reference may dangle after its last access
+//! (both of Miri's aliasing models accept it; a struct with a plain field
+//! or padding bytes would not be, under Tree Borrows).
+
+use super::error::PoolError;
+use super::free::FreeLists;
+use super::region::Region;
+use super::registry;
+use super::shutdown::ShutdownReport;
+use crate::page::{PageRef, PageRefHook};
+use crate::percpu::policy::{Completion, ReleasePolicy};
+use crate::percpu::{KillError, PercpuRef, Ref};
+use crate::sync::{lock, AtomicPtr, AtomicU32, Mutex, Ordering::*};
+use crate::sys::cpu;
+use crossbeam_utils::CachePadded;
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Everything a pool's pages and handles share.
+pub(crate) struct Shared {
+    /// The pool's "pgmap": one reference per allocated page plus the
+    /// initial one (dropped at shutdown). Its value is the mapping.
+    pub(super) pgmap: PercpuRef<Region, PoolRelease>,
+    pub(super) pages: Box<[PageRef<PoolHook>]>,
+    pub(super) free: FreeLists,
+    pub(super) page_size: usize,
+    pub(super) page_shift: u32,
+}
+
+/// A per-CPU holder of one `Arc<Shared>`, so that allocations keep the pool
+/// alive by counting on a CPU-local `Arc` (module docs).
+pub(super) struct Shard {
+    pub(super) _pool: Arc<Shared>,
+}
+
+pub(super) type ShardArc = CachePadded<Shard>;
+
+impl Shared {
+    pub(super) fn region(&self) -> &Region {
+        self.pgmap.value()
+    }
+
+    pub(super) fn path(&self) -> PathBuf {
+        self.region().path().to_path_buf()
+    }
+
+    pub(super) fn shutting_down(&self) -> PoolError {
+        PoolError::ShuttingDown { path: self.path() }
+    }
+
+    /// Kill the pgmap once: later `tryget_live` (alloc, lookup) fails
+    /// everywhere once this returns, the initial reference is dropped, and
+    /// the release runs when the last page is freed (or right here).
+    ///
+    /// A second call gets `AlreadyDead`, which `kill_and_confirm` returns
+    /// only after the first kill's switch to atomic mode, so it too returns
+    /// only once `tryget_live` fails everywhere. No lock of ours is held
+    /// while the release (which may run here) wakes the waiters.
+    pub(super) fn start_shutdown(&self) {
+        match self.pgmap.kill_and_confirm(|| {}) {
+            Ok(()) | Err(KillError::AlreadyDead) => {}
+            Err(e) => debug_assert!(false, "pool pgmap kill: {e}"),
+        }
+    }
+
+    pub(super) fn held_indices(&self) -> Vec<usize> {
+        self.pages
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.count() > 0)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The shard allocations on this CPU count on.
+    #[inline]
+    pub(super) fn shard_index(&self) -> u32 {
+        let n = self.pgmap.policy().shards.len();
+        let cpu = cpu::current();
+        // `current() < possible() == n`: the fold is never taken.
+        (if cpu < n { cpu } else { cpu % n }) as u32
+    }
+
+    /// Take one strong count on shard `k` for a new allocation.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds a pgmap reference (so the release, which drops the
+    /// pool's shards, has not run).
+    #[inline]
+    pub(super) unsafe fn shard_get(&self, k: u32) -> NonNull<ShardArc> {
+        // Acquire: pairs with the Release store in `from_region`.
+        let p = self.pgmap.policy().shards[k as usize].load(Acquire);
+        // SAFETY: the pool still owns this shard (caller), so `p` came from
+        // `Arc::into_raw` and its count is at least one.
+        unsafe { Arc::increment_strong_count(p) };
+        // SAFETY: from `Arc::into_raw`, never null.
+        unsafe { NonNull::new_unchecked(p) }
+    }
+
+    pub(super) fn report(&self) -> ShutdownReport {
+        lock(&self.pgmap.policy().report)
+            .clone()
+            .unwrap_or_else(|| ShutdownReport::new(self.region(), self.pages.len()))
+    }
+}
+
+/// A page's hook: 0→1 takes a pool reference, 1→0 returns the page to the
+/// free lists and then puts the pool reference (in that order: the put may
+/// be the one that unmaps).
+///
+/// Only atomics (see the module docs): the owning `Shared`'s address split
+/// in two `u32` halves (exposed provenance), the page index, and the
+/// exclusive-writer flag.
+pub(crate) struct PoolHook {
+    shared_lo: AtomicU32,
+    shared_hi: AtomicU32,
+    pub(super) index: AtomicU32,
+    /// 1 while the page's only holder may have a `&mut [u8]` to it (see
+    /// `DevicePage::as_mut_slice`): lookups back off.
+    pub(super) exclusive: AtomicU32,
+    /// While allocated: the shard its allocation counts on (written before
+    /// the 0→1 transition, read by lookups after `get_unless_zero`).
+    pub(super) shard: AtomicU32,
+}
+
+impl PoolHook {
+    pub(super) fn new(shared_addr: usize, index: u32) -> Self {
+        let a = shared_addr as u64;
+        PoolHook {
+            shared_lo: AtomicU32::new(a as u32),
+            shared_hi: AtomicU32::new((a >> 32) as u32),
+            index: AtomicU32::new(index),
+            exclusive: AtomicU32::new(0),
+            shard: AtomicU32::new(0),
+        }
+    }
+
+    #[inline]
+    pub(super) fn shared(&self) -> &Shared {
+        // Relaxed: written once before the `Arc<Shared>` was shared; that
+        // publication orders them before any hook call.
+        let addr = (u64::from(self.shared_hi.load(Relaxed)) << 32)
+            | u64::from(self.shared_lo.load(Relaxed));
+        let p: *const Shared = std::ptr::with_exposed_provenance(addr as usize);
+        // SAFETY: `addr` is the exposed address of the `Shared` that holds
+        // this hook in its page table (`DevicePagePool::from_region`). Hooks
+        // are called only by `PageRef` methods on those pages, by callers
+        // that keep the `Shared` alive for the call (module docs), so it is
+        // live for as long as `&self` is.
+        unsafe { &*p }
+    }
+}
+
+impl PageRefHook for PoolHook {
+    #[inline]
+    fn on_first_ref(&self) -> bool {
+        match self.shared().pgmap.tryget_live() {
+            Some(r) => {
+                let _ = Ref::into_raw(r);
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[inline]
+    fn on_last_unref(&self) {
+        let shared = self.shared();
+        // Relaxed: reset for the next allocation; the free-list lock that
+        // hands the page out again publishes it.
+        self.exclusive.store(0, Relaxed);
+        // Relaxed: set once at construction (see `shared`).
+        shared.free.push(self.index.load(Relaxed));
+        // SAFETY: gives back the raw reference the matching `on_first_ref`
+        // took (a PageRef calls the two strictly balanced, and only the
+        // pool's pages, inside `Shared`, use this hook).
+        unsafe { shared.pgmap.put_many(1) }
+    }
+
+    #[inline]
+    fn undo_first_ref(&self) {
+        // The page was not free after all (never happens: free-list pages
+        // have count 0); give the reference back, leave the page alone.
+        // SAFETY: as in `on_last_unref`.
+        unsafe { self.shared().pgmap.put_many(1) }
+    }
+}
+
+/// The pgmap's release: runs once, when the pool was shut down and its
+/// last page was freed (or inside the shutdown if none was held).
+pub(super) struct PoolRelease {
+    pub(super) done: Completion,
+    pub(super) report: Mutex<Option<ShutdownReport>>,
+    pub(super) pages: usize,
+    /// One per CPU, from `Arc::into_raw`, owned by the pool until the
+    /// release (null afterwards).
+    pub(super) shards: Box<[AtomicPtr<ShardArc>]>,
+}
+
+impl ReleasePolicy<Region> for PoolRelease {
+    fn release(&self, region: &Region) {
+        // 1. No lookup can find the pool any more, and its address range
+        //    may be reused by the next mmap.
+        registry::unregister(region.base().as_ptr() as usize);
+        let mut report = ShutdownReport::new(region, self.pages);
+        // 2. Persist.
+        // SAFETY: the pgmap drained to zero, so no page is allocated (each
+        // holds a reference) and no `DevicePage`, slice or persist call can
+        // use the region; new ones are impossible (killed: `tryget_live`
+        // fails; released: `tryget` fails). So it is still mapped, and
+        // unmapping it below is sound.
+        let persisted = unsafe { region.persist(0, region.len()) };
+        if let Err(e) = persisted {
+            report.persist_error = Some(Arc::new(e));
+        }
+        // 3. Unmap.
+        // SAFETY: as above: nothing can use the region any more.
+        unsafe { region.unmap() };
+        *lock(&self.report) = Some(report);
+        // 4. Wake the shutdown waiters.
+        self.done.complete();
+        // 5. Give up the pool's shards. Not the last `Arc<Shared>`: this
+        //    thread holds one (module docs), so nothing is freed under us.
+        for slot in self.shards.iter() {
+            // AcqRel: Acquire pairs with the Release store that published
+            // the shard; one swap hands ownership over exactly once.
+            let p = slot.swap(std::ptr::null_mut(), AcqRel);
+            if !p.is_null() {
+                // SAFETY: the pool's own count on the shard, from
+                // `Arc::into_raw`, given back once (swapped out above).
+                unsafe { drop(Arc::from_raw(p.cast_const())) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dax::DevicePagePool;
+
+    #[test]
+    fn page_entries_are_atomics_without_padding() {
+        // Six `AtomicU32`s: the count and the hook's five words. No plain
+        // field and no padding byte, which the module docs rely on.
+        assert_eq!(std::mem::size_of::<PageRef<PoolHook>>(), 6 * 4);
+        assert_eq!(std::mem::align_of::<PageRef<PoolHook>>(), 4);
+    }
+
+    #[test]
+    fn the_hook_finds_its_pool() {
+        let pool = DevicePagePool::anonymous(4 * 4096).unwrap();
+        for (i, p) in pool.shared.pages.iter().enumerate() {
+            assert!(std::ptr::eq(p.hook().shared(), &*pool.shared));
+            assert_eq!(p.hook().index.load(Relaxed) as usize, i);
+        }
+    }
+}
