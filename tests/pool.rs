@@ -8,6 +8,7 @@ use percpu_ref::{
     Backend, DevicePage, DevicePagePool, PersistMethod, PoolError, PoolOptions, ShutdownHandle,
 };
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -742,6 +743,313 @@ fn concurrent_alloc_clone_drop_with_shutdown_in_the_middle() {
         assert_eq!(st.free + st.allocated, st.pages);
         assert_eq!(sd.wait().pages, PAGES);
     }
+}
+
+// ------------------------------------------------------------ optimistic reads
+
+fn optimistic(pages: usize) -> DevicePagePool {
+    DevicePagePool::anonymous_with(pages * PAGE, &PoolOptions::new().optimistic_reads(true))
+        .unwrap()
+}
+
+#[test]
+fn optimistic_read_api_and_errors() {
+    let pool = optimistic(4);
+    let mut page = pool.alloc().unwrap();
+    assert!(
+        page.as_mut_slice().is_none(),
+        "no &mut [u8] in an optimistic pool"
+    );
+    {
+        let mut w = page.writer().expect("a new page is unique");
+        assert_eq!(w.len(), PAGE);
+        w.write(3, b"abcdefghij").unwrap(); // unaligned, across a word
+        w.write_u64(PAGE - 8, 0x1122_3344_5566_7788).unwrap();
+        let e = w.write(PAGE - 2, b"xyz").unwrap_err();
+        assert!(
+            matches!(e, PoolError::OutOfRange { start, end, len } if (start, end, len) == (PAGE - 2, PAGE + 1, PAGE)),
+            "{e:?}"
+        );
+        assert_eq!(&w.as_slice()[3..13], b"abcdefghij");
+        // While the writer is open: lookups and reads back off.
+        let e = DevicePagePool::lookup(page_addr(&pool, 0)).unwrap_err();
+        assert!(matches!(e, PoolError::PageBusy { .. }), "{e:?}");
+    }
+    let at = page.as_ptr();
+    assert_eq!(&page.as_slice()[3..13], b"abcdefghij");
+
+    // By address and by index; the view's accessors.
+    let got = DevicePagePool::read(at.wrapping_add(100), |v| {
+        assert_eq!(
+            (v.len(), v.index(), v.is_empty()),
+            (PAGE, page.index(), false)
+        );
+        let mut buf = [0u8; 10];
+        v.read_into(3, &mut buf).unwrap();
+        (buf, v.read_u64(PAGE - 8).unwrap(), v.read_u8(4).unwrap())
+    })
+    .unwrap();
+    assert_eq!(got, (*b"abcdefghij", 0x1122_3344_5566_7788, b'b'));
+    let v = pool.read_page(page.index(), |v| v.to_vec()).unwrap();
+    assert_eq!(&v[3..13], b"abcdefghij");
+    // Out of range inside the view: an error, not a panic.
+    let e = pool
+        .read_page(page.index(), |v| v.read_u64(PAGE - 4))
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, PoolError::OutOfRange { .. }), "{e:?}");
+    let e = pool
+        .read_page(page.index(), |v| v.read_into(usize::MAX, &mut [0; 2]))
+        .unwrap();
+    assert!(matches!(e, Err(PoolError::OutOfRange { .. })), "{e:?}");
+    let e = pool.read_page(4, |_| ()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::OutOfRange {
+                start: 4,
+                len: 4,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    // A free page, an unmapped address.
+    let free = (0..4).find(|&i| i != page.index()).unwrap();
+    let e = pool.read_page(free, |_| ()).unwrap_err();
+    assert!(
+        matches!(e, PoolError::PageNotAllocated { index, .. } if index == free),
+        "{e:?}"
+    );
+    let local = 0u8;
+    let e = DevicePagePool::read(&local, |_| ()).unwrap_err();
+    assert!(matches!(e, PoolError::NotMapped { .. }), "{e:?}");
+    // A reference held elsewhere: no writer.
+    let other = page.clone();
+    assert!(page.writer().is_none());
+    drop(other);
+    assert!(page.writer().is_some());
+
+    // A pool without optimistic reads refuses them, by name.
+    let plain = DevicePagePool::anonymous(PAGE).unwrap();
+    let p = plain.alloc().unwrap();
+    let e = DevicePagePool::read(p.as_ptr(), |_| ()).unwrap_err();
+    assert!(
+        matches!(e, PoolError::OptimisticReadsDisabled { .. }),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "pool anonymous: optimistic reads need PoolOptions::optimistic_reads(true) (its pages may be written through &mut [u8])"
+    );
+
+    // Shutting down: refused.
+    let sd = pool.shutdown();
+    let e = DevicePagePool::read(at, |_| ()).unwrap_err();
+    assert!(matches!(e, PoolError::ShuttingDown { .. }), "{e:?}");
+    drop(page);
+    assert!(sd.is_complete());
+}
+
+fn page_addr(pool: &DevicePagePool, i: usize) -> *const u8 {
+    pool.as_ptr().wrapping_add(i * PAGE)
+}
+
+/// Whatever happens to the page inside the read — freed, reallocated,
+/// rewritten — the read reports it and drops the result.
+#[test]
+fn a_read_overlapping_a_change_of_its_page_fails() {
+    let pool = optimistic(1);
+    let mut page = pool.alloc().unwrap();
+    page.writer().unwrap().fill(7);
+    let i = page.index();
+    let mut slot = Some(page);
+
+    // Freed during the read.
+    let e = pool
+        .read_page(i, |v| {
+            assert_eq!(v.read_u8(0).unwrap(), 7);
+            drop(slot.take());
+        })
+        .unwrap_err();
+    assert!(
+        matches!(e, PoolError::PageChanged { index } if index == i),
+        "{e:?}"
+    );
+
+    // A free page is not read at all.
+    let e = pool
+        .read_page(i, |_| unreachable!("the page is free"))
+        .unwrap_err();
+    assert!(matches!(e, PoolError::PageNotAllocated { .. }), "{e:?}");
+    // Freed and reallocated (without a write) during the read.
+    slot = Some(pool.alloc().unwrap());
+    let e = pool
+        .read_page(i, |_| {
+            drop(slot.take());
+            slot = Some(pool.alloc().unwrap());
+        })
+        .unwrap_err();
+    assert!(matches!(e, PoolError::PageChanged { .. }), "{e:?}");
+
+    // Rewritten during the read.
+    let e = pool
+        .read_page(i, |_| slot.as_mut().unwrap().writer().unwrap().fill(8))
+        .unwrap_err();
+    assert!(matches!(e, PoolError::PageChanged { .. }), "{e:?}");
+    // A clone or a lookup is no change.
+    let r = pool.read_page(i, |v| {
+        let c = slot.as_ref().unwrap().clone();
+        let l = DevicePagePool::lookup(page_addr(&pool, 0)).unwrap();
+        drop((c, l));
+        v.read_u8(0).unwrap()
+    });
+    assert_eq!(r.unwrap(), 8);
+
+    // A leaked writer keeps the page busy until its handle is used again.
+    std::mem::forget(slot.as_mut().unwrap().writer().unwrap());
+    let e = pool.read_page(i, |_| ()).unwrap_err();
+    assert!(matches!(e, PoolError::PageBusy { .. }), "{e:?}");
+    assert_eq!(slot.as_ref().unwrap().as_slice()[0], 8);
+    assert_eq!(pool.read_page(i, |v| v.read_u8(0).unwrap()).unwrap(), 8);
+    // ...or freed.
+    std::mem::forget(slot.as_mut().unwrap().writer().unwrap());
+    drop(slot.take());
+    let p = pool.alloc().unwrap();
+    assert_eq!(
+        pool.read_page(p.index(), |v| v.read_u8(0).unwrap())
+            .unwrap(),
+        8
+    );
+}
+
+/// The pool's pin: a read in progress keeps the memory mapped through a
+/// whole shutdown, and the shutdown completes when the read ends.
+#[test]
+fn a_read_in_progress_keeps_the_pool_mapped() {
+    let pool = optimistic(2);
+    let mut page = pool.alloc().unwrap();
+    page.writer().unwrap().fill(0x5a);
+    let addr = page.as_ptr() as usize;
+    let inside = Barrier::new(2);
+    let release = Barrier::new(2);
+    let sd = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            DevicePagePool::read(addr as *const u8, |v| {
+                inside.wait();
+                release.wait(); // shutdown and the last page drop happen here
+                                // Still mapped (an unmapped page would fault), and a freed
+                                // page keeps its bytes.
+                assert!(v.to_vec().iter().all(|&b| b == 0x5a));
+            })
+        });
+        inside.wait();
+        let sd = pool.shutdown();
+        drop(page); // the last page: the release would unmap now...
+        assert!(!sd.is_complete(), "...but the read pins the pool");
+        release.wait();
+        // The page was freed during the read: its result is not returned.
+        let e = reader.join().unwrap().unwrap_err();
+        assert!(matches!(e, PoolError::PageChanged { .. }), "{e:?}");
+        sd
+    });
+    assert!(sd.wait_timeout(Duration::from_secs(10)).is_ok());
+}
+
+/// A writer rewrites one page over and over (and another thread frees
+/// and reallocates pages) while readers read them optimistically: every
+/// read that succeeds saw one consistent version, whole; the others were
+/// told to retry. Under Miri this also checks that no access races.
+#[test]
+fn concurrent_writers_and_optimistic_readers_never_see_torn_pages() {
+    let pool = optimistic(8);
+    let iters: u64 = if cfg!(miri) { 30 } else { 20_000 };
+    let mut hot = pool.alloc().unwrap();
+    hot.writer().unwrap().fill(0);
+    let hot_index = hot.index();
+    // The recycled page: its current address, published by the recycler.
+    let published = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (ok, retried) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        // Rewriter: version v fills every byte with v.
+        let hot = &mut hot;
+        let stop_ref = &stop;
+        s.spawn(move || {
+            for v in 1..=iters {
+                hot.writer().unwrap().fill(v as u8);
+            }
+            stop_ref.store(true, SeqCst);
+        });
+        // Recycler: a fresh page per version, its first word the version,
+        // the rest derived from it; published, then the old one freed.
+        s.spawn(|| {
+            let mut cur: Option<DevicePage> = None;
+            let mut v = 0u64;
+            while !stop.load(SeqCst) {
+                v += 1;
+                let mut p = match pool.alloc() {
+                    Ok(p) => p,
+                    Err(PoolError::Exhausted { .. }) => continue,
+                    Err(e) => panic!("{e}"),
+                };
+                let Some(mut w) = p.writer() else { continue };
+                for k in 0..PAGE / 8 {
+                    w.write_u64(k * 8, v.wrapping_mul(k as u64 + 1)).unwrap();
+                }
+                drop(w);
+                published.store(p.as_ptr() as usize, SeqCst);
+                cur = Some(p);
+            }
+            drop(cur);
+        });
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(SeqCst) {
+                    let r = pool.read_page(hot_index, |v| {
+                        let b = v.to_vec();
+                        b.iter().all(|&x| x == b[0])
+                    });
+                    match r {
+                        Ok(consistent) => {
+                            assert!(consistent, "a validated read saw a torn page");
+                            ok.fetch_add(1, SeqCst);
+                        }
+                        Err(PoolError::PageChanged { .. } | PoolError::PageBusy { .. }) => {
+                            retried.fetch_add(1, SeqCst);
+                        }
+                        Err(e) => panic!("read of the hot page: {e}"),
+                    }
+                    let addr = published.load(SeqCst);
+                    if addr == 0 {
+                        continue;
+                    }
+                    let r = DevicePagePool::read(addr as *const u8, |v| {
+                        let first = v.read_u64(0).unwrap();
+                        (1..PAGE / 8)
+                            .all(|k| v.read_u64(k * 8).unwrap() == first.wrapping_mul(k as u64 + 1))
+                    });
+                    match r {
+                        Ok(consistent) => assert!(consistent, "a validated read saw a torn page"),
+                        Err(
+                            PoolError::PageChanged { .. }
+                            | PoolError::PageBusy { .. }
+                            | PoolError::PageNotAllocated { .. },
+                        ) => {}
+                        Err(e) => panic!("read of a recycled page: {e}"),
+                    }
+                }
+            });
+        }
+    });
+    eprintln!(
+        "{} validated reads, {} retries",
+        ok.load(SeqCst),
+        retried.load(SeqCst)
+    );
+    let st = pool.stats();
+    assert_eq!((st.allocated, st.free), (1, 7), "no page lost");
 }
 
 // ------------------------------------------------------------ persistence

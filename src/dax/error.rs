@@ -243,6 +243,23 @@ pub enum PoolError {
         index: usize,
     },
 
+    /// An optimistic read ([`DevicePagePool::read`](crate::DevicePagePool::read))
+    /// overlapped a writer, a free or a reallocation of the page: its
+    /// result was dropped. Retry.
+    #[error("page {index} was written, freed or reallocated during an optimistic read; retry")]
+    PageChanged {
+        /// The page index.
+        index: usize,
+    },
+
+    /// An optimistic read of a pool opened without
+    /// [`PoolOptions::optimistic_reads`](crate::PoolOptions::optimistic_reads).
+    #[error("pool {}: optimistic reads need PoolOptions::optimistic_reads(true) (its pages may be written through &mut [u8])", .path.display())]
+    OptimisticReadsDisabled {
+        /// The pool's path (or `anonymous`).
+        path: PathBuf,
+    },
+
     /// A persist range reaches outside the page or pool.
     #[error("persist range {start}..{end} is outside 0..{len}")]
     OutOfRange {

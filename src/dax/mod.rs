@@ -36,8 +36,10 @@ mod free;
 mod options;
 mod page;
 mod pool;
+mod read;
 mod region;
 mod registry;
+mod seqlock;
 mod shared;
 mod shutdown;
 
@@ -45,4 +47,5 @@ pub use error::{PoolError, StillHeld};
 pub use options::{Backend, PersistMethod, PoolOptions, MIN_PAGE_SIZE};
 pub use page::DevicePage;
 pub use pool::{DevicePagePool, PoolStats};
+pub use read::{PageView, PageWriter};
 pub use shutdown::{ShutdownFuture, ShutdownHandle, ShutdownReport};

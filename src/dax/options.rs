@@ -27,6 +27,7 @@ pub struct PoolOptions {
     pub(crate) offset: u64,
     pub(crate) allow_file_fallback: bool,
     pub(crate) map_private: bool,
+    pub(crate) optimistic_reads: bool,
 }
 
 impl Default for PoolOptions {
@@ -37,6 +38,7 @@ impl Default for PoolOptions {
             offset: 0,
             allow_file_fallback: false,
             map_private: false,
+            optimistic_reads: false,
         }
     }
 }
@@ -87,6 +89,18 @@ impl PoolOptions {
     /// The file is then opened read-only.
     pub fn map_private(mut self, private: bool) -> Self {
         self.map_private = private;
+        self
+    }
+
+    /// Allow optimistic reads ([`DevicePagePool::read`](crate::DevicePagePool::read)):
+    /// any thread may then read any page at any time without a page
+    /// reference, validating a per-page version afterwards. For that to be
+    /// sound, pages are written only through
+    /// [`DevicePage::writer`](crate::DevicePage::writer) (atomic stores) and
+    /// [`DevicePage::as_mut_slice`](crate::DevicePage::as_mut_slice) always
+    /// returns `None`. Default `false`.
+    pub fn optimistic_reads(mut self, allow: bool) -> Self {
+        self.optimistic_reads = allow;
         self
     }
 

@@ -2,9 +2,10 @@
 
 use super::error::PoolError;
 use super::pool::check_range;
+use super::seqlock;
 use super::shared::{PoolHook, ShardArc, Shared};
 use crate::page::PageRef;
-use crate::sync::Ordering::*;
+use crate::sync::{AtomicU64, Ordering::*};
 use std::fmt;
 use std::ops::Range;
 use std::ptr::NonNull;
@@ -54,7 +55,7 @@ impl DevicePage {
     pub(super) unsafe fn new(shared: *const Shared, shard: NonNull<ShardArc>, index: u32) -> Self {
         // SAFETY: live (caller).
         let s = unsafe { &*shared };
-        let page = NonNull::from(&s.pages[index as usize]);
+        let page = NonNull::from(s.page(index as usize));
         let offset = (index as usize) << s.page_shift;
         // SAFETY: `offset + page_size <= region.len()` (index < pages), so
         // the result is inside the mapping.
@@ -76,23 +77,70 @@ impl DevicePage {
     }
 
     #[inline]
-    fn shared(&self) -> &Shared {
+    pub(super) fn shared(&self) -> &Shared {
         // SAFETY: as in `page_ref`.
         unsafe { self.shared.as_ref() }
     }
 
+    /// The page's version for optimistic reads.
+    #[inline]
+    pub(super) fn seq(&self) -> &AtomicU64 {
+        &self.shared().pages[self.index as usize].seq
+    }
+
     /// End a previous [`as_mut_slice`](Self::as_mut_slice)'s exclusivity:
-    /// called by every `&self` access to the bytes.
+    /// called by every `&self` access to the bytes. (Also ends the write
+    /// section of a [`PageWriter`](super::PageWriter) that was leaked
+    /// instead of dropped.)
     #[inline]
     fn share(&self) {
         let flag = &self.page_ref().hook().exclusive;
         // Relaxed: only this handle sets the flag (through `&mut self`),
         // so a value it cannot see yet cannot be one it must clear.
         if flag.load(Relaxed) != 0 {
-            // Release: pairs with the Acquire in `lookup`, so a lookup that
-            // sees the flag cleared also sees our writes.
-            flag.store(0, Release);
+            self.end_exclusive();
         }
+    }
+
+    #[cold]
+    fn end_exclusive(&self) {
+        // A leaked writer left the version odd: end its section. (Relaxed:
+        // the holder of the only reference owns the version, seqlock docs.)
+        if self.seq().load(Relaxed) & 1 == 1 {
+            seqlock::write_end(self.seq());
+        }
+        // Release: pairs with the Acquire in `lookup`, so a lookup that
+        // sees the flag cleared also sees our writes.
+        self.page_ref().hook().exclusive.store(0, Release);
+    }
+
+    /// End a [`PageWriter`](super::PageWriter)'s section.
+    pub(super) fn end_write(&mut self) {
+        seqlock::write_end(self.seq());
+        // Release: as in `end_exclusive`.
+        self.page_ref().hook().exclusive.store(0, Release);
+    }
+
+    /// Make this handle the page's exclusive one, if it is the only
+    /// reference: afterwards no other `DevicePage` of the page exists and
+    /// lookups back off until the flag is cleared (through `&self`, or the
+    /// end of a writer).
+    pub(super) fn make_exclusive(&mut self) -> bool {
+        let page = self.page_ref();
+        let flag = &page.hook().exclusive;
+        // Relaxed: our own flag (see `share`).
+        if flag.load(Relaxed) == 0 {
+            // freeze(1) succeeds only if ours is the only reference, and
+            // while frozen `get_unless_zero` (lookup) fails...
+            if !page.freeze(1) {
+                return false;
+            }
+            // ...so every lookup that gets in after the unfreeze sees the
+            // flag. Relaxed: the unfreeze's Release publishes it.
+            flag.store(1, Relaxed);
+            page.unfreeze(1);
+        }
+        true
     }
 
     /// Page index in its pool.
@@ -128,7 +176,10 @@ impl DevicePage {
     }
 
     /// The page's bytes for writing, if this is its only reference (`None`
-    /// otherwise). While the returned slice lives nothing else can reach
+    /// otherwise, and always `None` in a pool with
+    /// [`optimistic_reads`](crate::PoolOptions::optimistic_reads), whose
+    /// readers may load any page at any time: write those through a
+    /// [`writer`](Self::writer)). While the returned slice lives nothing else can reach
     /// the page: there is no other `DevicePage` of it, and
     /// [`DevicePagePool::lookup`] backs off with
     /// [`PoolError::PageBusy`] until this handle is next used through
@@ -145,24 +196,14 @@ impl DevicePage {
     /// assert_eq!(page.as_mut_slice().unwrap()[0], 42);
     /// ```
     pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
-        let page = self.page_ref();
-        let flag = &page.hook().exclusive;
-        // Relaxed: our own flag (see `share`).
-        if flag.load(Relaxed) == 0 {
-            // freeze(1) succeeds only if ours is the only reference, and
-            // while frozen `get_unless_zero` (lookup) fails...
-            if !page.freeze(1) {
-                return None;
-            }
-            // ...so every lookup that gets in after the unfreeze sees the
-            // flag. Relaxed: the unfreeze's Release publishes it.
-            flag.store(1, Relaxed);
-            page.unfreeze(1);
+        if self.shared().optimistic || !self.make_exclusive() {
+            return None;
         }
         // SAFETY: as in `as_slice`, and exclusive: no other DevicePage of
         // this page exists (count 1 at the freeze; clones need `&self`,
-        // excluded by `&mut self`), and lookups back off while the flag is
-        // set (it is cleared only through `&self`).
+        // excluded by `&mut self`), lookups back off while the flag is set
+        // (it is cleared only through `&self`), and the pool allows no
+        // optimistic reads (checked above).
         Some(unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr(), self.size()) })
     }
 

@@ -7,12 +7,13 @@ use super::options::{Backend, PersistMethod, PoolOptions};
 use super::page::DevicePage;
 use super::region::Region;
 use super::registry;
-use super::shared::{PoolHook, PoolRelease, Shard, Shared};
+use super::seqlock;
+use super::shared::{PageSlot, PoolHook, PoolRelease, Shard, Shared};
 use super::shutdown::ShutdownHandle;
 use crate::page::{FirstRefError, PageRef};
 use crate::percpu::policy::Completion;
 use crate::percpu::PercpuRef;
-use crate::sync::{AtomicPtr, Mutex, Ordering::*};
+use crate::sync::{AtomicPtr, AtomicU64, Mutex, Ordering::*};
 use crate::sys::cpu;
 use crossbeam_utils::CachePadded;
 use std::fmt;
@@ -111,7 +112,7 @@ impl DevicePagePool {
     /// ```
     pub fn open(path: impl AsRef<Path>, options: &PoolOptions) -> Result<Self, PoolError> {
         let (region, plan) = backend::open(path.as_ref(), options)?;
-        Ok(Self::from_region(region, plan, options.page_size))
+        Ok(Self::from_region(region, plan, options))
     }
 
     /// An anonymous pool of `size` bytes (a `memfd`; zeroed heap memory on
@@ -137,17 +138,22 @@ impl DevicePagePool {
     /// ```
     pub fn anonymous_with(size: usize, options: &PoolOptions) -> Result<Self, PoolError> {
         let (region, plan) = backend::anonymous(size, options)?;
-        Ok(Self::from_region(region, plan, options.page_size))
+        Ok(Self::from_region(region, plan, options))
     }
 
-    fn from_region(region: Region, plan: Plan, page_size: usize) -> Self {
+    fn from_region(region: Region, plan: Plan, options: &PoolOptions) -> Self {
+        let (page_size, optimistic) = (options.page_size, options.optimistic_reads);
         let start = region.base().as_ptr() as usize;
         let end = start + region.len();
         let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
             // The hooks find their `Shared` through this address.
             let addr = weak.as_ptr().expose_provenance();
             let pages = (0..plan.pages)
-                .map(|i| PageRef::new(PoolHook::new(addr, i as u32)))
+                .map(|i| PageSlot {
+                    page: PageRef::new(PoolHook::new(addr, i as u32)),
+                    // Odd: free.
+                    seq: AtomicU64::new(1),
+                })
                 .collect();
             Shared {
                 pgmap: PercpuRef::new(
@@ -165,6 +171,7 @@ impl DevicePagePool {
                 free: FreeLists::new(plan.pages),
                 page_size,
                 page_shift: page_size.trailing_zeros(),
+                optimistic,
             }
         });
         for slot in shared.pgmap.policy().shards.iter() {
@@ -202,7 +209,7 @@ impl DevicePagePool {
                 pages: s.pages.len(),
             });
         };
-        let page = &s.pages[i as usize];
+        let page = s.page(i as usize);
         let k = s.shard_index();
         // Relaxed: the page is free and ours (popped); the Release of
         // `first_ref`'s CAS publishes it to lookups, whose
@@ -210,6 +217,7 @@ impl DevicePagePool {
         page.hook().shard.store(k, Relaxed);
         match page.first_ref() {
             Ok(()) => {
+                seqlock::mark_allocated(&s.pages[i as usize].seq);
                 // SAFETY: the page's new pool reference keeps the shards.
                 let shard = unsafe { s.shard_get(k) };
                 // SAFETY: page `i` is allocated, its count is ours and the
@@ -264,7 +272,7 @@ impl DevicePagePool {
                 return Err(shared.shutting_down());
             };
             let index = (a - start) >> shared.page_shift;
-            let page_ref = &shared.pages[index];
+            let page_ref = shared.page(index);
             if !page_ref.get_unless_zero() {
                 return Err(PoolError::PageNotAllocated { addr: a, index });
             }
@@ -286,7 +294,7 @@ impl DevicePagePool {
             // `as_mut_slice` (read through `get_unless_zero`'s Acquire, so
             // we see the flag it published) and of `share` (so a cleared
             // flag means the writer's stores are visible to us).
-            if shared.pages[index].hook().exclusive.load(Acquire) != 0 {
+            if page_ref.hook().exclusive.load(Acquire) != 0 {
                 return Err(PoolError::PageBusy { index });
             }
             Ok(page)
@@ -349,7 +357,7 @@ impl DevicePagePool {
         PoolStats {
             pages: s.pages.len(),
             free: s.free.count(),
-            allocated: s.pages.iter().filter(|p| p.count() > 0).count(),
+            allocated: s.pages.iter().filter(|p| p.page.count() > 0).count(),
             page_size: s.page_size,
         }
     }

@@ -38,11 +38,12 @@ use super::error::PoolError;
 use super::free::FreeLists;
 use super::region::Region;
 use super::registry;
+use super::seqlock;
 use super::shutdown::ShutdownReport;
 use crate::page::{PageRef, PageRefHook};
 use crate::percpu::policy::{Completion, ReleasePolicy};
 use crate::percpu::{KillError, PercpuRef, Ref};
-use crate::sync::{lock, AtomicPtr, AtomicU32, Mutex, Ordering::*};
+use crate::sync::{lock, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering::*};
 use crate::sys::cpu;
 use crossbeam_utils::CachePadded;
 use std::path::PathBuf;
@@ -54,10 +55,35 @@ pub(crate) struct Shared {
     /// The pool's "pgmap": one reference per allocated page plus the
     /// initial one (dropped at shutdown). Its value is the mapping.
     pub(super) pgmap: PercpuRef<Region, PoolRelease>,
-    pub(super) pages: Box<[PageRef<PoolHook>]>,
+    /// One cache line per page (see [`PageSlot`]).
+    pub(super) pages: Box<[PageSlot]>,
     pub(super) free: FreeLists,
     pub(super) page_size: usize,
     pub(super) page_shift: u32,
+    /// Opened with `PoolOptions::optimistic_reads`: pages are written only
+    /// atomically (`PageWriter`), never through a `&mut [u8]`.
+    pub(super) optimistic: bool,
+}
+
+/// One page's metadata, alone on its cache line: pages in use on different
+/// CPUs never share a line, so a lookup or put of one page never slows down
+/// another's (the kernel pads `struct page` to 64 bytes for the same
+/// reason). 64 bytes per page: 16 MiB per GiB of 4 KiB pages (1.56%),
+/// 32 KiB per GiB of 2 MiB pages.
+///
+/// A `DevicePage` points at `page`, never at the whole slot: `page` is the
+/// part that may be referenced while another thread frees `Shared` (module
+/// docs), and it consists of atomics only.
+#[repr(C, align(64))]
+pub(crate) struct PageSlot {
+    /// The page's reference count and hook.
+    pub(super) page: PageRef<PoolHook>,
+    /// The page's version for optimistic reads (`super::seqlock`): even
+    /// while the page is allocated and nobody writes it, odd while it is
+    /// free or being written. Changed only by the page's owner of the
+    /// moment: the allocator, the writer holding the only reference, or
+    /// the thread whose put freed it.
+    pub(super) seq: AtomicU64,
 }
 
 /// A per-CPU holder of one `Arc<Shared>`, so that allocations keep the pool
@@ -96,11 +122,46 @@ impl Shared {
         }
     }
 
+    /// Page `index`'s bytes as atomic words (page size ÷ word size).
+    ///
+    /// # Safety
+    ///
+    /// The region stays mapped while the result is used: the caller holds
+    /// a page reference or a pool reference (`tryget_live`).
+    #[inline]
+    pub(super) unsafe fn words(&self, index: usize) -> &[AtomicUsize] {
+        let p = self
+            .region()
+            .base()
+            .as_ptr()
+            .wrapping_add(index << self.page_shift);
+        // SAFETY: `index < pages`, so the page lies inside the mapping,
+        // which is mapped while the caller uses it (caller) and aligned to
+        // the page size, a multiple of the word size; `AtomicUsize` has
+        // the layout of `usize`, and every access through it is atomic.
+        unsafe {
+            std::slice::from_raw_parts(p.cast::<AtomicUsize>(), self.page_size / seqlock::WORD)
+        }
+    }
+
+    /// `Err(Forked)` in a child process created by `fork()` after the pool
+    /// was opened.
+    #[inline]
+    pub(super) fn check_fork(&self) -> Result<(), PoolError> {
+        Ok(())
+    }
+
+    /// Page `i`'s count and hook.
+    #[inline]
+    pub(super) fn page(&self, i: usize) -> &PageRef<PoolHook> {
+        &self.pages[i].page
+    }
+
     pub(super) fn held_indices(&self) -> Vec<usize> {
         self.pages
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.count() > 0)
+            .filter(|(_, p)| p.page.count() > 0)
             .map(|(i, _)| i)
             .collect()
     }
@@ -200,11 +261,15 @@ impl PageRefHook for PoolHook {
     #[inline]
     fn on_last_unref(&self) {
         let shared = self.shared();
+        // Relaxed: set once at construction (see `shared`).
+        let index = self.index.load(Relaxed);
         // Relaxed: reset for the next allocation; the free-list lock that
         // hands the page out again publishes it.
         self.exclusive.store(0, Relaxed);
-        // Relaxed: set once at construction (see `shared`).
-        shared.free.push(self.index.load(Relaxed));
+        // Optimistic readers that began before see the page change; new
+        // ones are refused until it is allocated again.
+        seqlock::mark_free(&shared.pages[index as usize].seq);
+        shared.free.push(index);
         // SAFETY: gives back the raw reference the matching `on_first_ref`
         // took (a PageRef calls the two strictly balanced, and only the
         // pool's pages, inside `Shared`, use this hook).
@@ -279,14 +344,17 @@ mod tests {
         // field and no padding byte, which the module docs rely on.
         assert_eq!(std::mem::size_of::<PageRef<PoolHook>>(), 6 * 4);
         assert_eq!(std::mem::align_of::<PageRef<PoolHook>>(), 4);
+        // One slot per cache line.
+        assert_eq!(std::mem::size_of::<PageSlot>(), 64);
+        assert_eq!(std::mem::align_of::<PageSlot>(), 64);
     }
 
     #[test]
     fn the_hook_finds_its_pool() {
         let pool = DevicePagePool::anonymous(4 * 4096).unwrap();
         for (i, p) in pool.shared.pages.iter().enumerate() {
-            assert!(std::ptr::eq(p.hook().shared(), &*pool.shared));
-            assert_eq!(p.hook().index.load(Relaxed) as usize, i);
+            assert!(std::ptr::eq(p.page.hook().shared(), &*pool.shared));
+            assert_eq!(p.page.hook().index.load(Relaxed) as usize, i);
         }
     }
 }
