@@ -435,6 +435,53 @@ fn exclusive_writer_blocks_lookup() {
     assert!(p.as_mut_slice().is_some());
 }
 
+/// A lookup of a page whose only holder is inside `as_mut_slice` (its
+/// count frozen for a moment, which reads as zero to a speculative get)
+/// says the page is busy, never that it is free.
+#[test]
+fn lookup_during_as_mut_slice_is_busy_not_free() {
+    let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
+    let mut page = pool.alloc().unwrap();
+    let addr = page.as_ptr();
+    // Enough busy answers that the holder was caught inside `as_mut_slice`
+    // many times; bounded in time so that a slow machine cannot stall.
+    let want_busy = if cfg!(miri) { 20 } else { 200_000 };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let stop = AtomicBool::new(false);
+    let (mut found, mut busy) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        let stop = &stop;
+        let page = &mut page;
+        s.spawn(move || {
+            while !stop.load(SeqCst) {
+                // Freezes the count when the handle is not exclusive yet...
+                let _ = page.as_mut_slice();
+                // ...and this ends the exclusivity again.
+                let _ = page.as_slice();
+            }
+        });
+        while busy < want_busy && std::time::Instant::now() < deadline {
+            match DevicePagePool::lookup(addr) {
+                Ok(p) => {
+                    assert_eq!(p.as_ptr(), addr);
+                    found += 1;
+                }
+                Err(PoolError::PageBusy { index }) => {
+                    assert_eq!(index, 0);
+                    busy += 1;
+                }
+                Err(e) => {
+                    stop.store(true, SeqCst);
+                    panic!("lookup of a held page: {e} ({e:?})");
+                }
+            }
+        }
+        stop.store(true, SeqCst);
+    });
+    eprintln!("{found} lookups found the page, {busy} were told it is busy");
+    assert_eq!(page.ref_count(), 1, "every lookup gave its reference back");
+}
+
 #[test]
 fn raw_pointer_writes_from_two_threads() {
     let pool = DevicePagePool::anonymous(PAGE).unwrap();

@@ -273,8 +273,24 @@ impl DevicePagePool {
             };
             let index = (a - start) >> shared.page_shift;
             let page_ref = shared.page(index);
-            if !page_ref.get_unless_zero() {
-                return Err(PoolError::PageNotAllocated { addr: a, index });
+            let mut tries = 0;
+            while !page_ref.get_unless_zero() {
+                // Free, or frozen by its only holder for a moment
+                // (`as_mut_slice`, `writer`): then the count reads as zero
+                // to `get_unless_zero`, but the page is allocated.
+                if page_ref.is_frozen() {
+                    return Err(PoolError::PageBusy { index });
+                }
+                if page_ref.count() == 0 {
+                    return Err(PoolError::PageNotAllocated { addr: a, index });
+                }
+                // Neither: it changed in between (unfrozen, or allocated
+                // just now); try again, a few times (at `MAX_COUNT` it
+                // never succeeds).
+                tries += 1;
+                if tries == 4 {
+                    return Err(PoolError::PageBusy { index });
+                }
             }
             // Relaxed: published by `first_ref`, which our Acquire in
             // `get_unless_zero` synchronized with.
