@@ -304,15 +304,34 @@ impl Clone for DevicePage {
 impl Drop for DevicePage {
     #[inline]
     fn drop(&mut self) {
+        /// The allocation's count on its shard, given back when this is
+        /// dropped: after the final put returned, or while it unwinds.
+        struct ShardCount(NonNull<ShardArc>);
+
+        impl Drop for ShardCount {
+            #[inline]
+            fn drop(&mut self) {
+                // SAFETY: armed only for the put that takes the page 1→0
+                // (see below), so the allocation's count on the shard is
+                // ours to give back (an `Arc::into_raw` pointer, see
+                // `shard_get`); nothing of `Shared` is used after this.
+                unsafe { drop(Arc::from_raw(self.0.as_ptr().cast_const())) }
+            }
+        }
+
+        let shard = ShardCount(self.shard);
         // The page hook runs inside on 1→0 (free list, then pool put; that
-        // put may persist and unmap the pool).
+        // put may persist and unmap the pool), and may panic. Nothing else
+        // in `dec_and_test` panics for a `DevicePage`: it holds a counted
+        // reference (no underflow) and a page is frozen only inside a call
+        // on the handle that is then its only reference (`make_exclusive`),
+        // so no put can meet it frozen. So an unwind out of this call
+        // comes from the hook of the final put, and `shard` is given back
+        // on the way out.
         // SAFETY: as in `page_ref`; the reference ends with the call.
         let last = unsafe { self.page.as_ref() }.dec_and_test();
-        if last {
-            // SAFETY: we took the page 1→0, so its allocation's count on the
-            // shard is ours to give back (an `Arc::into_raw` pointer, see
-            // `shard_get`); nothing of `Shared` is used after this.
-            unsafe { drop(Arc::from_raw(self.shard.as_ptr().cast_const())) }
+        if !last {
+            std::mem::forget(shard);
         }
     }
 }

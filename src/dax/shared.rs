@@ -260,7 +260,24 @@ impl PageRefHook for PoolHook {
 
     #[inline]
     fn on_last_unref(&self) {
+        /// Puts the page's pool reference when dropped: after the page is
+        /// back on the free lists, or while a panic in between unwinds, so
+        /// that the shutdown can still complete.
+        struct PutPool<'a>(&'a Shared);
+
+        impl Drop for PutPool<'_> {
+            #[inline]
+            fn drop(&mut self) {
+                // SAFETY: gives back the raw reference the matching
+                // `on_first_ref` took (a PageRef calls the two strictly
+                // balanced, and only the pool's pages, inside `Shared`, use
+                // this hook); dropped once.
+                unsafe { self.0.pgmap.put_many(1) }
+            }
+        }
+
         let shared = self.shared();
+        let put = PutPool(shared);
         // Relaxed: set once at construction (see `shared`).
         let index = self.index.load(Relaxed);
         // Relaxed: reset for the next allocation; the free-list lock that
@@ -269,11 +286,11 @@ impl PageRefHook for PoolHook {
         // Optimistic readers that began before see the page change; new
         // ones are refused until it is allocated again.
         seqlock::mark_free(&shared.pages[index as usize].seq);
+        #[cfg(test)]
+        fault::hit(fault::Point::PageFree);
         shared.free.push(index);
-        // SAFETY: gives back the raw reference the matching `on_first_ref`
-        // took (a PageRef calls the two strictly balanced, and only the
-        // pool's pages, inside `Shared`, use this hook).
-        unsafe { shared.pgmap.put_many(1) }
+        // The put last: it may be the one that unmaps.
+        drop(put);
     }
 
     #[inline]
@@ -298,29 +315,63 @@ pub(super) struct PoolRelease {
 
 impl ReleasePolicy<Region> for PoolRelease {
     fn release(&self, region: &Region) {
+        let mut finish = FinishRelease {
+            policy: self,
+            region,
+            report: Some(ShutdownReport::new(region, self.pages)),
+            unregistered: false,
+        };
         // 1. No lookup can find the pool any more, and its address range
         //    may be reused by the next mmap.
         registry::unregister(region.base().as_ptr() as usize);
-        let mut report = ShutdownReport::new(region, self.pages);
+        finish.unregistered = true;
         // 2. Persist.
         // SAFETY: the pgmap drained to zero, so no page is allocated (each
-        // holds a reference) and no `DevicePage`, slice or persist call can
-        // use the region; new ones are impossible (killed: `tryget_live`
-        // fails; released: `tryget` fails). So it is still mapped, and
-        // unmapping it below is sound.
+        // holds a reference) and no `DevicePage`, slice, read or persist
+        // call can use the region; new ones are impossible (killed:
+        // `tryget_live` fails; released: `tryget` fails). So it is still
+        // mapped, and unmapping it below is sound.
         let persisted = unsafe { region.persist(0, region.len()) };
-        if let Err(e) = persisted {
+        if let (Err(e), Some(report)) = (persisted, finish.report.as_mut()) {
             report.persist_error = Some(Arc::new(e));
         }
         // 3. Unmap.
         // SAFETY: as above: nothing can use the region any more.
         unsafe { region.unmap() };
-        *lock(&self.report) = Some(report);
+        #[cfg(test)]
+        fault::hit(fault::Point::Unmapped);
+        // 4. and 5. in `finish`'s drop.
+    }
+}
+
+/// The end of the pool's release, run when it is dropped: normally at the
+/// end of `release`, or while a panic in it unwinds (the panic goes on to
+/// the thread whose put ran the release). Either way the region is
+/// unregistered and unmapped (both happen once), the report is stored, the
+/// shutdown waiters are woken and the pool's shards are given up — a
+/// panicking release never leaves `ShutdownHandle::wait` hanging nor
+/// `Shared` leaking.
+struct FinishRelease<'a> {
+    policy: &'a PoolRelease,
+    region: &'a Region,
+    report: Option<ShutdownReport>,
+    unregistered: bool,
+}
+
+impl Drop for FinishRelease<'_> {
+    fn drop(&mut self) {
+        if !self.unregistered {
+            registry::unregister(self.region.base().as_ptr() as usize);
+        }
+        // SAFETY: as in `release`: nothing can use the region any more.
+        // Unmaps only if a panic came before step 3 (unmap-once).
+        unsafe { self.region.unmap() };
+        *lock(&self.policy.report) = self.report.take();
         // 4. Wake the shutdown waiters.
-        self.done.complete();
+        self.policy.done.complete();
         // 5. Give up the pool's shards. Not the last `Arc<Shared>`: this
         //    thread holds one (module docs), so nothing is freed under us.
-        for slot in self.shards.iter() {
+        for slot in self.policy.shards.iter() {
             // AcqRel: Acquire pairs with the Release store that published
             // the shard; one swap hands ownership over exactly once.
             let p = slot.swap(std::ptr::null_mut(), AcqRel);
@@ -333,10 +384,44 @@ impl ReleasePolicy<Region> for PoolRelease {
     }
 }
 
+/// Injected panics for the tests of the panic paths.
+#[cfg(test)]
+pub(super) mod fault {
+    use std::cell::Cell;
+
+    /// Where a panic can be injected.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Point {
+        /// In a page's final put, after it was marked free and before it
+        /// is back on the free lists.
+        PageFree,
+        /// In the pool's release, after the unmap and before the waiters
+        /// are woken.
+        Unmapped,
+    }
+
+    thread_local! {
+        static ARMED: Cell<Option<Point>> = const { Cell::new(None) };
+    }
+
+    /// Panic the next time this thread reaches `p`.
+    pub(crate) fn arm(p: Point) {
+        ARMED.set(Some(p));
+    }
+
+    pub(crate) fn hit(p: Point) {
+        if ARMED.get() == Some(p) {
+            ARMED.set(None);
+            panic!("injected panic at {p:?}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dax::DevicePagePool;
+    use std::time::Duration;
 
     #[test]
     fn page_entries_are_atomics_without_padding() {
@@ -347,6 +432,63 @@ mod tests {
         // One slot per cache line.
         assert_eq!(std::mem::size_of::<PageSlot>(), 64);
         assert_eq!(std::mem::align_of::<PageSlot>(), 64);
+    }
+
+    /// A panic in a page's final put (its hook) is propagated out of the
+    /// drop, and the bookkeeping still finishes: the pool reference is put
+    /// (the shutdown completes) and the allocation's count on its shard is
+    /// given back (the metadata is freed once everything is dropped).
+    #[test]
+    fn a_panicking_page_hook_leaks_nothing() {
+        let pool = DevicePagePool::anonymous(4 * 4096).unwrap();
+        let meta = Arc::downgrade(&pool.shared);
+        let page = pool.alloc().unwrap();
+        let keep = pool.alloc().unwrap();
+        fault::arm(fault::Point::PageFree);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(page)));
+        let msg = *r.unwrap_err().downcast::<String>().unwrap();
+        assert!(msg.contains("PageFree"), "{msg}");
+        // The page itself is lost (it never reached the free lists), but
+        // nothing else: the other page still works, and shutdown completes.
+        assert_eq!(pool.stats().allocated, 1);
+        let sd = pool.shutdown();
+        assert!(!sd.is_complete());
+        drop(keep);
+        assert!(
+            sd.wait_timeout(Duration::from_secs(10)).is_ok(),
+            "the pool reference of the panicking put was given back"
+        );
+        drop((pool, sd));
+        assert!(
+            meta.upgrade().is_none(),
+            "the shard count of the panicking put was given back"
+        );
+    }
+
+    /// A panic in the pool's release, between the unmap and the wake-up,
+    /// is propagated out of the last page's drop, and the shutdown still
+    /// completes with a report; nothing leaks.
+    #[test]
+    fn a_panicking_release_still_completes_the_shutdown() {
+        let pool = DevicePagePool::anonymous(4 * 4096).unwrap();
+        let meta = Arc::downgrade(&pool.shared);
+        let page = pool.alloc().unwrap();
+        let addr = page.as_ptr();
+        let sd = pool.shutdown();
+        fault::arm(fault::Point::Unmapped);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(page)));
+        let msg = *r.unwrap_err().downcast::<String>().unwrap();
+        assert!(msg.contains("Unmapped"), "{msg}");
+        let report = sd
+            .wait_timeout(Duration::from_secs(10))
+            .expect("the waiters were woken");
+        assert_eq!((report.pages, report.bytes), (4, 4 * 4096));
+        assert!(matches!(
+            DevicePagePool::lookup(addr),
+            Err(PoolError::NotMapped { .. })
+        ));
+        drop((pool, sd));
+        assert!(meta.upgrade().is_none(), "the pool's shards were given up");
     }
 
     #[test]
