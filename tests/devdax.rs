@@ -772,20 +772,25 @@ fn bad_input_returns_typed_errors_before_mapping() {
     // the first touch (`raw_mmap_past_the_end_faults`): refused up front.
     let e = open(PoolOptions::new().offset(s));
     assert!(
-        matches!(&e, PoolError::ZeroSize { path } if *path == d.path),
+        matches!(&e, PoolError::TooSmall { path, what: "device", available, offset, .. }
+            if *path == d.path && *available == s && *offset == s),
         "{e:?}"
     );
-    for (size, offset) in [
-        (None, s + a),
-        (Some(a), s),
-        (Some(a), s + a),
-        (Some(a), 64 * s),
-    ] {
-        let mut o = PoolOptions::new().offset(offset);
-        if let Some(size) = size {
-            o = o.size(size);
-        }
-        let e = open(o);
+    let e = open(PoolOptions::new().offset(s + a));
+    assert!(
+        matches!(&e, PoolError::OffsetPastEnd { what: "device", offset, available, .. }
+            if *offset == s + a && *available == s),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{p}: offset {} is past the end of the device ({s} bytes)",
+            s + a
+        )
+    );
+    for (size, offset) in [(a, s), (a, s + a), (a, 64 * s)] {
+        let e = open(PoolOptions::new().offset(offset).size(size));
         assert!(
             matches!(&e, PoolError::TooLarge { offset: off, available, .. }
                 if *off == offset && *available == s),
@@ -818,7 +823,7 @@ fn bad_input_returns_typed_errors_before_mapping() {
     let huge = (s + 1).next_power_of_two() as usize;
     let e = open(PoolOptions::new().page_size(huge));
     assert!(
-        matches!(&e, PoolError::PageSizeTooLarge { page_size, pool_size } if *page_size == huge && *pool_size == s),
+        matches!(&e, PoolError::TooSmall { page_size, available, offset: 0, .. } if *page_size == huge && *available == s),
         "{e:?}"
     );
     let e = open(PoolOptions::new().page_size(2 * a as usize).size(a));
