@@ -348,13 +348,20 @@ fn open_whole_device_matches_sysfs() {
     // (The other pages were freed when the vector was consumed.)
     assert_eq!(pool.stats().allocated, 1);
 
-    // A second pool on the same device, 2 MiB (alignment-sized) pages,
-    // alive at the same time: its own mapping, found by lookup, and the
-    // same bytes.
+    // A second pool on the same device is refused while the first holds
+    // its lock...
     let opts = PoolOptions::new()
         .page_size(d.align_usize())
         .allow_file_fallback(true); // irrelevant for a device
-    let big = DevicePagePool::open(&d.path, &opts).unwrap();
+    let e = DevicePagePool::open(&d.path, &opts).unwrap_err();
+    assert!(
+        matches!(&e, PoolError::AlreadyOpen { path } if *path == d.path),
+        "{e:?}"
+    );
+    // ...and opened without the lock (the caller coordinates): 2 MiB
+    // (alignment-sized) pages, alive at the same time, its own mapping,
+    // found by lookup, and the same bytes.
+    let big = DevicePagePool::open(&d.path, &opts.lock(false)).unwrap();
     assert_eq!(big.backend(), Backend::DevDax);
     assert_eq!(big.len() as u64, d.size);
     assert_eq!(big.page_count() as u64, d.size / d.align);
@@ -457,8 +464,8 @@ fn sub_range_with_4k_pages_lands_at_its_offset() {
     assert_eq!(pool.page_count() as u64, 2 * a / KIB4 as u64);
     let base = pool.as_ptr() as usize;
     assert_mapped(&d, base, pool.len(), offset);
-    // The mapping holds the device; the pool keeps no descriptor.
-    assert_eq!(dax_fds(&d), 0);
+    // The pool keeps one descriptor: it holds the device's lock.
+    assert_eq!(dax_fds(&d), 1);
     let mut pages = alloc_all(&pool);
     for p in &mut pages {
         let off = offset + (p.index() * KIB4) as u64;
@@ -485,6 +492,7 @@ fn sub_range_with_4k_pages_lands_at_its_offset() {
         .is_none());
     drop(pool);
     assert_unmapped(&d, base);
+    assert_eq!(dax_fds(&d), 0, "the unmap closed it");
 
     // Through the whole device in 2 MiB pages: the data is in units 4 and
     // 5, and the words just outside them were not written.

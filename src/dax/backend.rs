@@ -359,8 +359,28 @@ mod imp {
                 source: io::Error::other("the device changed while it was being opened"),
             });
         }
+        lock(path, &file, opts)?;
         let map = map(path, &file, plan, MapMode::Shared, true)?;
-        Ok((Region::new(map, Backend::DevDax, path.into()), plan))
+        Ok((
+            Region::new(map, Backend::DevDax, path.into()).hold(file),
+            plan,
+        ))
+    }
+
+    /// Take the pool's lock on `file` (see `PoolOptions::lock`).
+    fn lock(path: &Path, file: &File, opts: &PoolOptions) -> Result<(), PoolError> {
+        if !opts.lock {
+            return Ok(());
+        }
+        match mem::try_lock(file.as_fd(), !opts.map_private) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(PoolError::AlreadyOpen { path: path.into() }),
+            Err(source) => Err(PoolError::Io {
+                path: path.into(),
+                op: "flock (PoolOptions::lock(false) opens without the lock)".into(),
+                source,
+            }),
+        }
     }
 
     fn map(
@@ -401,9 +421,13 @@ mod imp {
             mem::os_page_size() as u64,
             None,
         )?;
+        lock(path, &file, opts)?;
         if opts.map_private {
             let map = map(path, &file, plan, MapMode::Private, true)?;
-            return Ok((Region::new(map, Backend::FilePrivate, path.into()), plan));
+            return Ok((
+                Region::new(map, Backend::FilePrivate, path.into()).hold(file),
+                plan,
+            ));
         }
         match mem::map_fd(
             file.as_fd(),
@@ -412,7 +436,10 @@ mod imp {
             MapMode::SharedSync,
             true,
         ) {
-            Ok(map) => Ok((Region::new(map, Backend::FsDax, path.into()), plan)),
+            Ok(map) => Ok((
+                Region::new(map, Backend::FsDax, path.into()).hold(file),
+                plan,
+            )),
             // EOPNOTSUPP: not a DAX filesystem. EINVAL: a kernel older than
             // 4.15 that does not know MAP_SHARED_VALIDATE (our numbers were
             // checked above, so they are not the cause).
@@ -427,7 +454,10 @@ mod imp {
                     });
                 }
                 let map = map(path, &file, plan, MapMode::Shared, true)?;
-                Ok((Region::new(map, Backend::File, path.into()), plan))
+                Ok((
+                    Region::new(map, Backend::File, path.into()).hold(file),
+                    plan,
+                ))
             }
             Err(source) => Err(PoolError::Io {
                 path: path.into(),

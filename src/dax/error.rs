@@ -83,6 +83,15 @@ pub enum PoolError {
         subsystem: String,
     },
 
+    /// Another pool (in this process or another) has the file or device
+    /// open: its lock is held (see
+    /// [`PoolOptions::lock`](crate::PoolOptions::lock)).
+    #[error("{}: already opened by another pool (in this or another process); pools that coordinate themselves can set PoolOptions::lock(false)", .path.display())]
+    AlreadyOpen {
+        /// The path given to `open`.
+        path: PathBuf,
+    },
+
     /// A sysfs attribute of a dax device could not be read.
     #[error("{}: cannot read {} for this dax device: {source}", .path.display(), .attribute.display())]
     Sysfs {

@@ -28,6 +28,7 @@ pub struct PoolOptions {
     pub(crate) allow_file_fallback: bool,
     pub(crate) map_private: bool,
     pub(crate) optimistic_reads: bool,
+    pub(crate) lock: bool,
 }
 
 impl Default for PoolOptions {
@@ -39,6 +40,7 @@ impl Default for PoolOptions {
             allow_file_fallback: false,
             map_private: false,
             optimistic_reads: false,
+            lock: true,
         }
     }
 }
@@ -101,6 +103,27 @@ impl PoolOptions {
     /// returns `None`. Default `false`.
     pub fn optimistic_reads(mut self, allow: bool) -> Self {
         self.optimistic_reads = allow;
+        self
+    }
+
+    /// Lock the file or device for the pool's life (default `true`): an
+    /// advisory `flock`, exclusive — or shared with
+    /// [`map_private`](Self::map_private), so that private pools of one
+    /// file can coexist but not with a shared one. A second
+    /// [`DevicePagePool::open`](crate::DevicePagePool::open) of the same
+    /// file, in this process or another, then fails with
+    /// [`PoolError::AlreadyOpen`](crate::PoolError::AlreadyOpen) instead of
+    /// handing out the same bytes as another pool's pages. The lock is
+    /// released when the pool's memory is unmapped (its shutdown completed).
+    ///
+    /// `false` takes no lock, for users who coordinate the openers
+    /// themselves (e.g. disjoint [`offset`](Self::offset) ranges of one
+    /// device). Two pools over the same bytes are then the caller's to keep
+    /// apart. The lock is advisory and per file: another path to the same
+    /// device node (a symbolic link) is the same file, but a second device
+    /// node for the same device (`mknod`) is not.
+    pub fn lock(mut self, lock: bool) -> Self {
+        self.lock = lock;
         self
     }
 

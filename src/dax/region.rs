@@ -2,14 +2,16 @@
 
 use super::error::PoolError;
 use super::options::{Backend, PersistMethod};
-use crate::sync::{AtomicBool, Ordering::*};
+use crate::sync::{lock, AtomicBool, Mutex, Ordering::*};
 use crate::sys::mem::{self, FlushInsn, RawMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 /// The pool's memory. It is the value of the pool's `PercpuRef`, whose
 /// release unmaps it; `Drop` unmaps it too if that never happened (a pool
-/// that failed half-way through construction).
+/// that failed half-way through construction). The file or device it maps,
+/// if any, stays open (holding its `flock`) until the unmap.
 #[derive(Debug)]
 pub(crate) struct Region {
     map: RawMap,
@@ -18,6 +20,9 @@ pub(crate) struct Region {
     flush: Option<(FlushInsn, usize)>,
     path: PathBuf,
     mapped: AtomicBool,
+    /// The open file whose advisory lock marks the file as in use by this
+    /// pool (`PoolOptions::lock`); closed right after the unmap.
+    file: Mutex<Option<File>>,
 }
 
 impl Region {
@@ -40,7 +45,14 @@ impl Region {
             flush,
             path,
             mapped: AtomicBool::new(true),
+            file: Mutex::new(None),
         }
+    }
+
+    /// Keep `file` open until the unmap (it holds the pool's lock).
+    pub(crate) fn hold(self, file: File) -> Self {
+        *lock(&self.file) = Some(file);
+        self
     }
 
     pub(crate) fn base(&self) -> NonNull<u8> {
@@ -125,6 +137,8 @@ impl Region {
         // An munmap error (EINVAL on a bad range) cannot happen for a range
         // mmap returned; nothing to do with it but ignore it.
         let _ = unsafe { self.map.unmap() };
+        // Closing the file drops its lock: another pool may map it now.
+        drop(lock(&self.file).take());
         true
     }
 }

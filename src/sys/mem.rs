@@ -194,6 +194,25 @@ pub(crate) fn map_fd(
     })
 }
 
+/// Take a non-blocking advisory lock (`flock`) on `fd`'s open file:
+/// exclusive, or shared. `Ok(false)` if another open file holds a
+/// conflicting lock (in this process or another). The lock lasts until
+/// every descriptor of this open file is closed.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn try_lock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<bool> {
+    use rustix::fs::{flock, FlockOperation};
+    let op = if exclusive {
+        FlockOperation::NonBlockingLockExclusive
+    } else {
+        FlockOperation::NonBlockingLockShared
+    };
+    match flock(fd, op) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `msync(MS_SYNC)` of the OS pages covering `ptr..ptr+len`.
 ///
 /// # Safety
