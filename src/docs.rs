@@ -102,4 +102,7 @@ pub mod internals {}
 ///   (the next switch to atomic mode or kill).
 /// * The confirm callback of `kill_and_confirm` runs on the killing thread,
 ///   inside the call, before the initial reference is dropped.
+/// * Truncating the file under a live `DevicePagePool` raises `SIGBUS` on
+///   the next access to a page past the new end; see the pool's
+///   limitations (and its section on `fork()`).
 pub mod limitations {}

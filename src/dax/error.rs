@@ -277,6 +277,21 @@ pub enum PoolError {
         path: PathBuf,
     },
 
+    /// The pool was opened by another process, which then called `fork()`:
+    /// a child's copy of a pool does not have the parent's memory (file and
+    /// device pools are not mapped in the child, anonymous pools are
+    /// zero-filled there), so it cannot allocate, look up, read or persist.
+    /// See [`DevicePagePool`](crate::DevicePagePool)'s section on `fork()`.
+    #[error("pool {} was opened by process {parent}; process {child}, a fork() child, cannot use it", .path.display())]
+    Forked {
+        /// The pool's path (or `anonymous`).
+        path: PathBuf,
+        /// The process that opened the pool.
+        parent: u32,
+        /// This process.
+        child: u32,
+    },
+
     /// Every page is allocated.
     #[error("pool {}: all {pages} pages are allocated", .path.display())]
     Exhausted {

@@ -148,7 +148,7 @@ impl Shared {
     /// was opened.
     #[inline]
     pub(super) fn check_fork(&self) -> Result<(), PoolError> {
-        Ok(())
+        self.region().check_fork()
     }
 
     /// Page `i`'s count and hook.
