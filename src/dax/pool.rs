@@ -307,11 +307,8 @@ impl DevicePagePool {
     /// open for writing ([`DevicePage::as_mut_slice`]).
     pub fn lookup(addr: *const u8) -> Result<DevicePage, PoolError> {
         let a = addr as usize;
-        registry::with_pool(a, |shared, start| {
-            // The registry snapshot keeps `shared` alive for this closure.
-            let Some(live) = shared.pgmap.tryget_live() else {
-                return Err(shared.shutting_down());
-            };
+        // The pool is pinned (a pool reference) while this closure runs.
+        registry::with_live_pool(a, |shared, start| {
             shared.check_fork()?;
             let index = (a - start) >> shared.page_shift;
             let page_ref = shared.page(index);
@@ -346,18 +343,16 @@ impl DevicePagePool {
             };
             // SAFETY: page `index` is allocated and the reference just
             // taken is ours; its allocation holds the count on `shard`.
-            let page = unsafe { DevicePage::new(Arc::as_ptr(shared), shard, index as u32) };
-            drop(live);
+            let page = unsafe { DevicePage::new(shared, shard, index as u32) };
             // Acquire: pairs with the Release of `unfreeze` in
-            // `as_mut_slice` (read through `get_unless_zero`'s Acquire, so
-            // we see the flag it published) and of `share` (so a cleared
-            // flag means the writer's stores are visible to us).
+            // `make_exclusive` (read through `get_unless_zero`'s Acquire, so
+            // we see the flag it published) and of `share`/`end_write` (so
+            // a cleared flag means the writer's stores are visible to us).
             if page_ref.hook().exclusive.load(Acquire) != 0 {
                 return Err(PoolError::PageBusy { index });
             }
             Ok(page)
-        })
-        .unwrap_or(Err(PoolError::NotMapped { addr: a }))
+        })?
     }
 
     /// Start the shutdown (kill and confirm the pool's `PercpuRef`, drop

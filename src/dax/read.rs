@@ -187,11 +187,11 @@ impl DevicePagePool {
     #[inline]
     pub fn read<R>(addr: *const u8, f: impl FnOnce(&PageView<'_>) -> R) -> Result<R, PoolError> {
         let a = addr as usize;
-        registry::with_pool(a, |shared, start| {
-            // The registry snapshot keeps `shared` alive for this closure.
-            read_slot(shared, (a - start) >> shared.page_shift, a, f)
-        })
-        .unwrap_or(Err(PoolError::NotMapped { addr: a }))
+        // The pool is pinned (a pool reference) while this closure runs.
+        registry::with_live_pool(a, |shared, start| {
+            // SAFETY: pinned, see above.
+            unsafe { read_pinned(shared, (a - start) >> shared.page_shift, a, f) }
+        })?
     }
 
     /// [`read`](Self::read) of page `index` of this pool: no registry
@@ -229,9 +229,31 @@ impl DevicePagePool {
     }
 }
 
-/// The read itself: pin, version, `f`, version.
+/// The read by index: pin, then the read.
 #[inline]
 fn read_slot<R>(
+    shared: &Shared,
+    index: usize,
+    addr: usize,
+    f: impl FnOnce(&PageView<'_>) -> R,
+) -> Result<R, PoolError> {
+    // The pin: while it is held the pool's release, which unmaps, cannot
+    // run. Dropped (also when `f` panics) after the last load.
+    let Some(_pin) = shared.pgmap.tryget_live() else {
+        return Err(shared.shutting_down());
+    };
+    // SAFETY: pinned just above, until the end of this function.
+    unsafe { read_pinned(shared, index, addr, f) }
+}
+
+/// The read itself: version, `f`, version.
+///
+/// # Safety
+///
+/// The caller holds a reference on the pool (`tryget_live`) for the whole
+/// call, so its memory stays mapped.
+#[inline]
+unsafe fn read_pinned<R>(
     shared: &Shared,
     index: usize,
     addr: usize,
@@ -242,11 +264,6 @@ fn read_slot<R>(
             path: shared.path(),
         });
     }
-    // The pin: while it is held the pool's release, which unmaps, cannot
-    // run. Dropped (also when `f` panics) after the last load.
-    let Some(_pin) = shared.pgmap.tryget_live() else {
-        return Err(shared.shutting_down());
-    };
     shared.check_fork()?;
     let slot = &shared.pages[index];
     let begin = match seqlock::read_begin(&slot.seq) {
@@ -256,8 +273,8 @@ fn read_slot<R>(
         }
         Err(_) => return Err(PoolError::PageBusy { index }),
     };
-    // SAFETY: the pin keeps the region mapped until it is dropped, after
-    // the view's last use (the view cannot escape `f`).
+    // SAFETY: the caller's pin keeps the region mapped until the end of
+    // this call, after the view's last use (the view cannot escape `f`).
     let words = unsafe { shared.words(index) };
     let r = f(&PageView { words, index });
     if seqlock::read_validate(&slot.seq, begin) {

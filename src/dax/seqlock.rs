@@ -127,16 +127,28 @@ pub(crate) fn mark_allocated(seq: &AtomicU64) {
 #[inline]
 pub(crate) fn copy_out(words: &[AtomicUsize], offset: usize, dst: &mut [u8]) {
     check(words, offset, dst.len());
-    let mut at = offset;
-    let mut out = 0;
-    while out < dst.len() {
-        let (w, skip) = (at / WORD, at % WORD);
-        let n = (WORD - skip).min(dst.len() - out);
-        // Relaxed: ordered by `read_begin`/`read_validate` (module docs).
-        let bytes = words[w].load(Relaxed).to_ne_bytes();
-        dst[out..out + n].copy_from_slice(&bytes[skip..skip + n]);
-        out += n;
-        at += n;
+    // Relaxed loads throughout: ordered by `read_begin`/`read_validate`
+    // (module docs).
+    let load = |w: usize| words[w].load(Relaxed).to_ne_bytes();
+    let (mut at, mut out) = (offset, 0);
+    // Head: the rest of a word that `offset` starts inside.
+    let skip = at % WORD;
+    if skip != 0 && !dst.is_empty() {
+        let n = (WORD - skip).min(dst.len());
+        dst[..n].copy_from_slice(&load(at / WORD)[skip..skip + n]);
+        (at, out) = (at + n, n);
+    }
+    // Body: whole words.
+    let body = (dst.len() - out) / WORD * WORD;
+    let first = at / WORD;
+    for (i, chunk) in dst[out..out + body].chunks_exact_mut(WORD).enumerate() {
+        chunk.copy_from_slice(&load(first + i));
+    }
+    (at, out) = (at + body, out + body);
+    // Tail: the start of one more word.
+    if out < dst.len() {
+        let n = dst.len() - out;
+        dst[out..].copy_from_slice(&load(at / WORD)[..n]);
     }
 }
 
@@ -150,23 +162,31 @@ pub(crate) fn copy_out(words: &[AtomicUsize], offset: usize, dst: &mut [u8]) {
 #[inline]
 pub(crate) fn copy_in(words: &[AtomicUsize], offset: usize, src: &[u8]) {
     check(words, offset, src.len());
-    let mut at = offset;
-    let mut done = 0;
-    while done < src.len() {
-        let (w, skip) = (at / WORD, at % WORD);
-        let n = (WORD - skip).min(src.len() - done);
-        let mut bytes = if n == WORD {
-            [0; WORD]
-        } else {
-            // Relaxed: we are the only writer; our own earlier stores are
-            // visible to us.
-            words[w].load(Relaxed).to_ne_bytes()
-        };
-        bytes[skip..skip + n].copy_from_slice(&src[done..done + n]);
-        // Relaxed: ordered by `write_begin`/`write_end` (module docs).
-        words[w].store(usize::from_ne_bytes(bytes), Relaxed);
-        done += n;
-        at += n;
+    // Relaxed stores throughout: ordered by `write_begin`/`write_end`
+    // (module docs). Relaxed loads of partly covered words: we are their
+    // only writer, and see our own stores.
+    let part = |w: usize, skip: usize, bytes: &[u8]| {
+        let mut b = words[w].load(Relaxed).to_ne_bytes();
+        b[skip..skip + bytes.len()].copy_from_slice(bytes);
+        words[w].store(usize::from_ne_bytes(b), Relaxed);
+    };
+    let (mut at, mut done) = (offset, 0);
+    let skip = at % WORD;
+    if skip != 0 && !src.is_empty() {
+        let n = (WORD - skip).min(src.len());
+        part(at / WORD, skip, &src[..n]);
+        (at, done) = (at + n, n);
+    }
+    let body = (src.len() - done) / WORD * WORD;
+    let first = at / WORD;
+    for (i, chunk) in src[done..done + body].chunks_exact(WORD).enumerate() {
+        let mut b = [0; WORD];
+        b.copy_from_slice(chunk);
+        words[first + i].store(usize::from_ne_bytes(b), Relaxed);
+    }
+    (at, done) = (at + body, done + body);
+    if done < src.len() {
+        part(at / WORD, 0, &src[done..]);
     }
 }
 
