@@ -32,7 +32,9 @@ fn check(cfg: &Config) -> engine::Outcome {
     assert_eq!(out.torn_reads, 0);
     assert!(out.hot_reads > 0);
     for name in [engine::HOT_SCOPED, engine::HOT_COUNTED, engine::IO_POOL] {
-        let p = out.phase(name).unwrap_or_else(|| panic!("phase {name} ran"));
+        let p = out
+            .phase(name)
+            .unwrap_or_else(|| panic!("phase {name} ran"));
         assert!(p.ops > 0 && p.ns_per_op() > 0.0, "{p:?}");
     }
     // Nothing lost: every page is back on the free lists.

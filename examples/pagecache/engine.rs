@@ -316,7 +316,9 @@ fn fill(page: &mut [u8], key: u64, version: u64) {
 fn verify(page: &[u8], key: u64) -> Result<(), ()> {
     let n = page.len();
     let (k, v, c) = (word(page, KEY), word(page, VERSION), word(page, CHECK));
-    if k != key || c != check_word(k, v) || checksum(&page[..n - TRAILER]) != word(page, n - TRAILER)
+    if k != key
+        || c != check_word(k, v)
+        || checksum(&page[..n - TRAILER]) != word(page, n - TRAILER)
     {
         return Err(());
     }
@@ -711,7 +713,10 @@ fn hot_reader<C: Cache>(cache: &C, cfg: &Config, id: usize, stop: &AtomicBool, c
                 // A recycled page now holding another key, or a change.
                 Ok(_) => stale += 1,
                 Err(e) => {
-                    c.errors.lock().unwrap().push(format!("hot reader {id}: {e}"));
+                    c.errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("hot reader {id}: {e}"));
                     return;
                 }
             }
@@ -1057,8 +1062,7 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
     out.stale_retries = c.stale.load(Relaxed);
     out.checksum_failures += c.bad.load(Relaxed);
     out.refused_after_shutdown = c.refused.load(Relaxed);
-    out.unexpected_errors
-        .extend(c.errors.into_inner().unwrap());
+    out.unexpected_errors.extend(c.errors.into_inner().unwrap());
     out.pages_allocated = cache.allocated.load(Relaxed);
     Ok(out)
 }

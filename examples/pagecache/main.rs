@@ -135,7 +135,10 @@ fn main() -> ExitCode {
         out.free_after, out.total_pages, out.allocated_after
     );
     println!("  stale lookups retried     {:>12}", out.stale_retries);
-    println!("  hot reads (torn)          {:>12} ({})", out.hot_reads, out.torn_reads);
+    println!(
+        "  hot reads (torn)          {:>12} ({})",
+        out.hot_reads, out.torn_reads
+    );
     println!(
         "  refused after shutdown    {:>12}",
         out.refused_after_shutdown
