@@ -15,9 +15,9 @@
 //! at a device holding data you want to keep. Its contents persist from one
 //! run to the next, so nothing assumes it starts zeroed: data is tagged with
 //! a fresh random nonce per test. They take a process-wide lock, so they
-//! may also run with several test threads. Device facts (size and alignment
-//! only in sysfs, SIGBUS past the end, no `MAP_PRIVATE`) are in DESIGN.md
-//! §7.
+//! may also run with several test threads. The device facts they rely on
+//! (size and alignment only in sysfs, SIGBUS past the end, no
+//! `MAP_PRIVATE`) are checked by the tests themselves.
 
 #![cfg(all(feature = "dax", percpu_ref_linux))]
 
@@ -106,7 +106,7 @@ fn device(path: &Path) -> Dax {
     let bus = Path::new("/sys/bus/dax/devices").join(name);
     assert_eq!(read_sysfs_u64(&bus.join("size")), size);
     assert_eq!(read_sysfs_u64(&bus.join("align")), align);
-    // What an fstat says instead (DESIGN §7): nothing useful.
+    // What an fstat says instead: nothing useful.
     assert_eq!(meta.len(), 0, "fstat size of a dax device");
     assert!(align.is_power_of_two() && align >= KIB4 as u64, "{align}");
     assert!(size > 0 && size % align == 0, "size {size}, align {align}");
@@ -850,7 +850,7 @@ fn bad_input_returns_typed_errors_before_mapping() {
 
 /// Why the pool must bound-check before mapping: on device dax a mapping
 /// past the end is *accepted* by `mmap` and the first touch raises SIGBUS
-/// (DESIGN.md §7). Checked in a forked child, so the test survives it.
+/// Checked in a forked child, so the test survives it.
 #[test]
 #[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
 fn raw_mmap_past_the_end_faults() {
@@ -877,7 +877,7 @@ fn raw_mmap_past_the_end_faults() {
     assert_ne!(
         ptr,
         libc::MAP_FAILED,
-        "mmap past the end of {} failed ({}); DESIGN.md §7 says it succeeds",
+        "mmap past the end of {} failed ({}); on device dax it succeeds",
         d.path.display(),
         std::io::Error::last_os_error()
     );

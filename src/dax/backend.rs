@@ -494,7 +494,7 @@ mod tests {
         PathBuf::from("/dev/dax0.0")
     }
     const MIB: u64 = 1 << 20;
-    const DEV: u64 = 1_040_187_392; // dax0.0 in the VM (DESIGN §7)
+    const DEV: u64 = 1_040_187_392; // a 1 GiB emulated NVDIMM's devdax namespace
 
     fn devdax(opts: PoolOptions) -> Result<Plan, PoolError> {
         plan_devdax(&p(), &opts, DEV, 2 * MIB)

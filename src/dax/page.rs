@@ -11,13 +11,13 @@ use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-/// A counted reference to one allocated page of a [`DevicePagePool`].
+/// A counted reference to one allocated page of a [`DevicePagePool`](crate::DevicePagePool).
 ///
 /// `Clone` takes another reference (one atomic add on the page's count,
 /// nothing on the pool); `Drop` puts it, and the last put returns the page
 /// to the pool (and gives back the pool reference the allocation took).
 /// While any `DevicePage` of a pool exists its memory stays mapped, even
-/// after [`shutdown`](DevicePagePool::shutdown) or the pool handle's drop.
+/// after [`shutdown`](crate::DevicePagePool::shutdown) or the pool handle's drop.
 ///
 /// Reading: [`as_slice`](Self::as_slice). Writing: through
 /// [`as_mut_slice`](Self::as_mut_slice) when this is the page's only
@@ -181,7 +181,7 @@ impl DevicePage {
     /// readers may load any page at any time: write those through a
     /// [`writer`](Self::writer)). While the returned slice lives nothing else can reach
     /// the page: there is no other `DevicePage` of it, and
-    /// [`DevicePagePool::lookup`] backs off with
+    /// [`DevicePagePool::lookup`](crate::DevicePagePool::lookup) backs off with
     /// [`PoolError::PageBusy`] until this handle is next used through
     /// `&self` (read, cloned, persisted) or dropped.
     ///
@@ -221,7 +221,7 @@ impl DevicePage {
     ///
     /// * no other access (read or write) to that byte happens concurrently
     ///   through any other pointer, slice or [`DevicePage`] of the page —
-    ///   including ones obtained later by [`DevicePagePool::lookup`] —
+    ///   including ones obtained later by [`DevicePagePool::lookup`](crate::DevicePagePool::lookup) —
     ///   unless it is ordered with the write by your own synchronization;
     /// * no `&[u8]` from [`as_slice`](Self::as_slice) (or `&mut` from
     ///   [`as_mut_slice`](Self::as_mut_slice)) covering that byte is alive;
@@ -248,7 +248,7 @@ impl DevicePage {
         unsafe { std::slice::from_raw_parts_mut(p, self.size()) }
     }
 
-    /// Make the whole page durable (see [`DevicePagePool::persist_method`]).
+    /// Make the whole page durable (see [`DevicePagePool::persist_method`](crate::DevicePagePool::persist_method)).
     ///
     /// # Errors
     ///

@@ -1,38 +1,51 @@
-//! What a pool's pages and handles share: the page table and its hook,
-//! the free lists, the pool's `PercpuRef` and its release.
+//! What a pool's pages and handles share: the page table (one cache line
+//! per page: count, hook, version) and its hook, the free lists, the
+//! pool's `PercpuRef` and its release.
 //!
-//! # Ownership (why unmapping under a live page is impossible)
+//! # Ownership (why unmapping under a live page, or a read, is impossible)
 //!
 //! * `Shared` (page table, free lists, the pool's `PercpuRef` whose value
 //!   is the mapped `Region`) lives in an `Arc`. Its strong count is held by
-//!   the pool handle, every `ShutdownHandle`, the registry entry, and the
-//!   per-CPU *shards*.
+//!   the pool handle, every `ShutdownHandle`, the registry entry, each
+//!   thread's last-pool entry (`registry`), and the per-CPU *shards*.
 //! * A shard is a small `Arc` of its own holding an `Arc<Shared>`; there is
 //!   one per CPU, owned by the pool until its release. Every allocated page
 //!   holds **one strong count on a shard** — the shard of the CPU that
 //!   allocated it — taken when `alloc` moves the page 0→1 and given back by
 //!   whichever `DevicePage` drop moves it 1→0, *after* the page hook
-//!   returned. So pages keep `Shared` alive, yet two CPUs allocating and
-//!   freeing never write the same counter (a single `Arc<Shared>` count per
-//!   allocation made the 2-thread alloc+free pair ~1.6× slower). Cloning a
-//!   page touches only the page's counter.
+//!   returned (or while a panic in the hook unwinds). So pages keep
+//!   `Shared` alive, yet two CPUs allocating and freeing never write the
+//!   same counter (a single `Arc<Shared>` count per allocation made the
+//!   2-thread alloc+free pair ~1.6× slower). Cloning a page touches only
+//!   the page's counter.
 //! * Each allocated page also holds one reference on the `PercpuRef` (its
 //!   hook: `tryget_live` on 0→1, free-list push then `put` on 1→0). The
-//!   `PercpuRef`'s release unregisters and unmaps the region. It can only
-//!   run once the ref is killed (shutdown, or the pool handle dropped) and
-//!   every page is free, so no `DevicePage` — and no slice borrowed from
-//!   one — exists when the memory goes away.
+//!   `PercpuRef`'s release unregisters and unmaps the region and gives up
+//!   the pool's shards. It can only run once the ref is killed (shutdown,
+//!   or the pool handle dropped) and its count is zero: every page is free,
+//!   so no `DevicePage` — and no slice borrowed from one — exists when the
+//!   memory goes away.
+//! * A `lookup` or optimistic `read` *pins* the pool: it holds a reference
+//!   on the `PercpuRef` (`tryget_live`) for its whole duration, so the
+//!   release cannot run meanwhile — the memory stays mapped, and the shards
+//!   (hence `Shared`) stay alive — even if the thread's last-pool entry or
+//!   the registry entry it came through is dropped during the read. An
+//!   optimistic read takes no page reference: the page may be freed and
+//!   reallocated under it, which its version check reports (`seqlock`).
 //! * So the handle may be dropped first: the pages keep `Shared` alive,
 //!   the last page's drop unmaps, and the last `Arc` frees the metadata.
 //!
 //! Every thread that runs code inside `Shared` holds one of those strong
-//! counts, except a page `put` that did not reach zero (2→1), which may
-//! still be returning from `PageRef::dec_and_test` when another thread
-//! frees `Shared`. That is sound because the page entries (`PageRef` plus
-//! [`PoolHook`]) consist only of atomics, with no padding: like `Arc`'s own
-//! counter, a `&AtomicU32`-only reference may dangle after its last access
-//! (both of Miri's aliasing models accept it; a struct with a plain field
-//! or padding bytes would not be, under Tree Borrows).
+//! counts or a pin, except a page `put` that did not reach zero (2→1),
+//! which may still be returning from `PageRef::dec_and_test` when another
+//! thread frees `Shared`. That is sound because a `DevicePage` points at
+//! the page's `PageRef` (count plus [`PoolHook`]), not at its whole
+//! [`PageSlot`], and the `PageRef` consists only of atomics, with no
+//! padding: like `Arc`'s own counter, a `&AtomicU32`-only reference may
+//! dangle after its last access (both of Miri's aliasing models accept it;
+//! a struct with a plain field or padding bytes would not be, under Tree
+//! Borrows — the slot has padding, and no reference to it outlives a pin
+//! or a page reference).
 
 use super::error::PoolError;
 use super::free::FreeLists;

@@ -46,7 +46,7 @@ impl ShutdownReport {
     }
 }
 
-/// A started shutdown, from [`DevicePagePool::shutdown`]: wait for the last
+/// A started shutdown, from [`DevicePagePool::shutdown`](crate::DevicePagePool::shutdown): wait for the last
 /// held page to drop (then the pool is persisted and unmapped) blocking,
 /// with a timeout, or as a future. Holds the pool's metadata (not its
 /// mapping) alive.

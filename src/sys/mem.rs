@@ -12,11 +12,12 @@
 //!   sysfs and `msync` report [`io::ErrorKind::Unsupported`]; there is no
 //!   flush instruction. Everything above this module works unchanged on it.
 //!
-//! Facts about real `/dev/dax` devices (DESIGN.md §7) that the callers rely
-//! on: size and alignment come only from sysfs (`fstat` says 0); mapping
-//! past the end succeeds and faults later with SIGBUS (so callers
-//! bound-check first); `MAP_FIXED` is never used here (with an unaligned
-//! offset it silently maps offset 0); `msync` is EINVAL there.
+//! Facts about real `/dev/dax` devices (seen on an emulated NVDIMM, and
+//! checked by `tests/devdax.rs`) that the callers rely on: size and
+//! alignment come only from sysfs (`fstat` says 0); mapping past the end
+//! succeeds and faults later with SIGBUS (so callers bound-check first);
+//! `MAP_FIXED` is never used here (with an unaligned offset it silently
+//! maps offset 0); `msync` is EINVAL there.
 
 // The portable tier (other systems, Miri) uses only part of this module.
 #![cfg_attr(not(percpu_ref_linux), allow(dead_code))]
