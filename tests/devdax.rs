@@ -971,3 +971,140 @@ fn unprivileged_open_is_permission_denied() {
     assert!(out.status.success(), "{}\n{text}", out.status);
     assert!(text.contains("1 passed"), "{text}");
 }
+
+/// One pool per device: a second open is refused while the first pool's
+/// memory is mapped (also through a symbolic link to the node), even with
+/// disjoint ranges, unless both opt out of the lock; the unmap releases it.
+#[test]
+#[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
+fn a_device_is_opened_by_one_pool_at_a_time() {
+    let (_lock, d) = dax_or_skip!();
+    let a = d.align;
+    let first = DevicePagePool::open(&d.path, &PoolOptions::new().size(a)).unwrap();
+    let e = DevicePagePool::open(&d.path, &PoolOptions::new().size(a).offset(a)).unwrap_err();
+    assert!(
+        matches!(&e, PoolError::AlreadyOpen { path } if *path == d.path),
+        "{e:?}"
+    );
+    let link = std::env::temp_dir().join(format!("percpu-ref-dax-link-{}", std::process::id()));
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&d.path, &link).unwrap();
+    let e = DevicePagePool::open(&link, &PoolOptions::new().size(a)).unwrap_err();
+    fs::remove_file(&link).unwrap();
+    assert!(matches!(e, PoolError::AlreadyOpen { .. }), "{e:?}");
+    let page = first.alloc().unwrap();
+    let sd = first.shutdown();
+    drop(first);
+    assert!(DevicePagePool::open(&d.path, &PoolOptions::new().size(a)).is_err());
+    drop(page);
+    assert!(sd.is_complete());
+    assert_eq!(dax_fds(&d), 0);
+    // The unmap released it; and without the lock, two pools coexist.
+    let unlocked = PoolOptions::new().size(a).lock(false);
+    let low = DevicePagePool::open(&d.path, &unlocked).unwrap();
+    let high = DevicePagePool::open(&d.path, &unlocked.offset(a)).unwrap();
+    assert_eq!(dax_mappings(&d).len(), 2);
+    drop((low, high));
+    assert!(dax_mappings(&d).is_empty());
+}
+
+/// A `fork()` child gets no mapping of the device (so it cannot hand out
+/// the parent's pages), refuses to use its copy of the pool, and its
+/// shutdown leaves the parent's pool alone.
+#[test]
+#[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
+fn a_fork_child_gets_no_mapping_of_the_device() {
+    let (_lock, d) = dax_or_skip!();
+    let a = d.align;
+    let pool = DevicePagePool::open(&d.path, &PoolOptions::new().size(a)).unwrap();
+    let base = pool.as_ptr() as usize;
+    let mut page = pool.alloc().unwrap();
+    let nonce = nonce();
+    fill(page.as_mut_slice().unwrap(), 0, nonce);
+    let mut slot = Some((pool, page));
+    // SAFETY: fork; the child only uses this test's pool and memory and
+    // `_exit`s (no unwinding into the harness).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let (pool, page) = slot.take().unwrap();
+        let code = if dax_mappings(&d).iter().any(|m| m.start == base) {
+            1
+        } else if !matches!(pool.alloc(), Err(PoolError::Forked { .. })) {
+            2
+        } else if !matches!(page.persist(), Err(PoolError::Forked { .. })) {
+            3
+        } else {
+            drop(page);
+            let report = pool.shutdown().wait();
+            if matches!(report.persist_error.as_deref(), Some(PoolError::Forked { .. })) {
+                0
+            } else {
+                4
+            }
+        };
+        // SAFETY: ends the child without running the parent's handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: our own child; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+    let (pool, page) = slot.unwrap();
+    assert_mapped(&d, base, a as usize, 0);
+    assert_pattern(page.as_slice(), 0, nonce);
+    page.persist().unwrap();
+    drop(page);
+    assert!(pool.shutdown().wait().persist_error.is_none());
+    assert_unmapped(&d, base);
+}
+
+/// Optimistic reads of device pages: a writer rewrites a page under two
+/// readers; every validated read is one whole version.
+#[test]
+#[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
+fn optimistic_reads_of_device_pages() {
+    let (_lock, d) = dax_or_skip!();
+    let opts = PoolOptions::new().size(d.align).optimistic_reads(true);
+    let pool = DevicePagePool::open(&d.path, &opts).unwrap();
+    let mut page = pool.alloc().unwrap();
+    assert!(page.as_mut_slice().is_none());
+    page.writer().unwrap().fill(0);
+    let index = page.index();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let validated = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let (page, stop) = (&mut page, &stop);
+        s.spawn(move || {
+            for v in 1..=2_000u32 {
+                page.writer().unwrap().fill(v as u8);
+            }
+            stop.store(true, SeqCst);
+        });
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(SeqCst) {
+                    match pool.read_page(index, |v| {
+                        let b = v.to_vec();
+                        b.iter().all(|&x| x == b[0])
+                    }) {
+                        Ok(whole) => {
+                            assert!(whole, "a validated read saw a torn page");
+                            validated.fetch_add(1, SeqCst);
+                        }
+                        Err(PoolError::PageChanged { .. } | PoolError::PageBusy { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+        }
+    });
+    eprintln!("{} validated reads", validated.load(SeqCst));
+    assert_eq!(
+        pool.read_page(index, |v| v.read_u8(0).unwrap()).unwrap(),
+        (2_000u32 % 256) as u8
+    );
+}
