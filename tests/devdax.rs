@@ -1037,7 +1037,10 @@ fn a_fork_child_gets_no_mapping_of_the_device() {
         } else {
             drop(page);
             let report = pool.shutdown().wait();
-            if matches!(report.persist_error.as_deref(), Some(PoolError::Forked { .. })) {
+            if matches!(
+                report.persist_error.as_deref(),
+                Some(PoolError::Forked { .. })
+            ) {
                 0
             } else {
                 4

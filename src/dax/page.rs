@@ -20,8 +20,10 @@ use std::sync::Arc;
 /// after [`shutdown`](crate::DevicePagePool::shutdown) or the pool handle's drop.
 ///
 /// Reading: [`as_slice`](Self::as_slice). Writing: through
-/// [`as_mut_slice`](Self::as_mut_slice) when this is the page's only
-/// reference, or through the raw pointer of
+/// [`as_mut_slice`](Self::as_mut_slice) or a [`writer`](Self::writer) when
+/// this is the page's only reference (in a pool with
+/// [`optimistic_reads`](crate::PoolOptions::optimistic_reads), only
+/// through a writer), or through the raw pointer of
 /// [`as_mut_ptr`](Self::as_mut_ptr) under the rules written there.
 ///
 /// Memory shared with other processes (a file or device mapped
@@ -226,7 +228,15 @@ impl DevicePage {
     /// * no `&[u8]` from [`as_slice`](Self::as_slice) (or `&mut` from
     ///   [`as_mut_slice`](Self::as_mut_slice)) covering that byte is alive;
     /// * some `DevicePage` of this page is alive for the whole access (the
-    ///   memory may be unmapped after the last one drops).
+    ///   memory may be unmapped after the last one drops);
+    /// * in a pool with
+    ///   [`optimistic_reads`](crate::PoolOptions::optimistic_reads), any
+    ///   thread may read any page at any time
+    ///   ([`DevicePagePool::read`](crate::DevicePagePool::read), with
+    ///   atomic loads of whole machine words): a plain write races with
+    ///   those reads, so write there only through a
+    ///   [`writer`](Self::writer), or with aligned atomic stores of whole
+    ///   `usize` words (as `AtomicUsize`) whose readers tolerate torn data.
     pub fn as_mut_ptr(&self) -> *mut u8 {
         self.share();
         self.data.as_ptr()

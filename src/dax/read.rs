@@ -23,7 +23,7 @@ use super::pool::DevicePagePool;
 use super::registry;
 use super::seqlock::{self, WORD};
 use super::shared::Shared;
-use crate::sync::AtomicUsize;
+use crate::sync::{AtomicUsize, Ordering::Relaxed};
 use std::fmt;
 
 /// The bytes of one page during an optimistic read, from
@@ -386,7 +386,11 @@ impl DevicePage {
         if !self.make_exclusive() {
             return None;
         }
-        seqlock::write_begin(self.seq());
+        // Relaxed: the holder of the only reference owns the version
+        // (seqlock docs). Odd already: a leaked writer's section goes on.
+        if self.seq().load(Relaxed) & 1 == 0 {
+            seqlock::write_begin(self.seq());
+        }
         Some(PageWriter { page: self })
     }
 }
