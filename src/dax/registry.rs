@@ -167,3 +167,35 @@ fn forget(addr: usize) {
     // Outside the borrow, as in `from_registry`.
     drop(old);
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::dax::DevicePagePool;
+    use std::sync::{mpsc, Arc};
+
+    /// A thread's last-pool entry may hold the last `Arc` of a pool whose
+    /// shutdown completed: the metadata is freed when the thread finds
+    /// another pool or exits (in its thread-local destructors).
+    #[test]
+    fn a_thread_entry_frees_a_dead_pool_at_thread_exit() {
+        let pool = DevicePagePool::anonymous(4 * 4096).unwrap();
+        let meta = Arc::downgrade(&pool.shared);
+        let page = pool.alloc().unwrap();
+        let addr = page.as_ptr() as usize;
+        let (found, exit) = (mpsc::channel::<()>(), mpsc::channel::<()>());
+        let t = std::thread::spawn(move || {
+            drop(DevicePagePool::lookup(addr as *const u8).unwrap());
+            found.0.send(()).unwrap();
+            exit.1.recv().unwrap();
+        });
+        found.1.recv().unwrap();
+        let sd = pool.shutdown();
+        drop((page, pool));
+        assert!(sd.is_complete());
+        drop(sd);
+        assert!(meta.upgrade().is_some(), "the thread's entry holds it");
+        exit.0.send(()).unwrap();
+        t.join().unwrap();
+        assert!(meta.upgrade().is_none(), "freed when the thread exited");
+    }
+}
