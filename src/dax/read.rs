@@ -155,7 +155,10 @@ impl DevicePagePool {
     ///   a free and reallocation) got in the way; retry (perhaps after
     ///   re-reading which page holds what you want);
     /// * [`PoolError::PageNotAllocated`]: the page was free when the read
-    ///   began.
+    ///   began;
+    /// * only [`PageWriter`]s (and frees and reallocations) change the
+    ///   version: writes through [`DevicePage::as_mut_ptr`] bypass it, and
+    ///   its rules say when those are allowed at all.
     ///
     /// ```
     /// use percpu_ref::{DevicePagePool, PoolError, PoolOptions};
