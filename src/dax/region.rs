@@ -175,8 +175,19 @@ impl Region {
             // range mmap returned; nothing to do with it but ignore it.
             let _ = unsafe { self.map.unmap() };
         }
-        // Closing the file drops its lock: another pool may map it now.
-        drop(lock(&self.file).take());
+        // Drop the pool's lock: another pool may map the file now. An
+        // explicit unlock, because a `fork()` child may hold a copy of the
+        // descriptor (closing ours would then not release the lock) —
+        // except in such a child, whose unlock would release its parent's.
+        let file = lock(&self.file).take();
+        #[cfg(percpu_ref_linux)]
+        if let Some(f) = &file {
+            if !self.forked() {
+                // An error (EINTR, ENOLCK) leaves the lock to the close.
+                let _ = mem::unlock(std::os::fd::AsFd::as_fd(f));
+            }
+        }
+        drop(file);
         true
     }
 }

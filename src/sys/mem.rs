@@ -310,6 +310,15 @@ pub(crate) fn try_lock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<bool> 
     }
 }
 
+/// Release the advisory lock of `fd`'s open file (taken by [`try_lock`]),
+/// also for every other descriptor of that open file — such as the copies
+/// a `fork()` child inherited, which would otherwise keep it locked until
+/// they are closed.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn unlock(fd: BorrowedFd<'_>) -> io::Result<()> {
+    rustix::fs::flock(fd, rustix::fs::FlockOperation::Unlock).map_err(io::Error::from)
+}
+
 /// `msync(MS_SYNC)` of the OS pages covering `ptr..ptr+len`.
 ///
 /// # Safety
