@@ -195,8 +195,10 @@ impl DevicePagePool {
             let pages = (0..plan.pages)
                 .map(|i| PageSlot {
                     page: PageRef::new(PoolHook::new(addr, i as u32)),
-                    // Odd: free.
-                    seq: AtomicU64::new(1),
+                    // Odd: free. (Only pools with optimistic reads keep the
+                    // version of free pages odd; in the others only
+                    // writers change it, starting from even.)
+                    seq: AtomicU64::new(u64::from(optimistic)),
                 })
                 .collect();
             Shared {
@@ -263,7 +265,9 @@ impl DevicePagePool {
         page.hook().shard.store(k, Relaxed);
         match page.first_ref() {
             Ok(()) => {
-                seqlock::mark_allocated(&s.pages[i as usize].seq);
+                if s.optimistic {
+                    seqlock::mark_allocated(&s.pages[i as usize].seq);
+                }
                 // SAFETY: the page's new pool reference keeps the shards.
                 let shard = unsafe { s.shard_get(k) };
                 // SAFETY: page `i` is allocated, its count is ours and the

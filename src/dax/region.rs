@@ -50,7 +50,7 @@ impl Region {
             path,
             mapped: AtomicBool::new(true),
             file: Mutex::new(None),
-            forks: mem::forks(),
+            forks: mem::watch_forks(),
             pid: std::process::id(),
         }
     }

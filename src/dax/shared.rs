@@ -95,7 +95,8 @@ pub(crate) struct PageSlot {
     /// while the page is allocated and nobody writes it, odd while it is
     /// free or being written. Changed only by the page's owner of the
     /// moment: the allocator, the writer holding the only reference, or
-    /// the thread whose put freed it.
+    /// the thread whose put freed it. (In a pool without optimistic reads
+    /// allocation and free leave it alone: nobody reads it there.)
     pub(super) seq: AtomicU64,
 }
 
@@ -297,8 +298,11 @@ impl PageRefHook for PoolHook {
         // hands the page out again publishes it.
         self.exclusive.store(0, Relaxed);
         // Optimistic readers that began before see the page change; new
-        // ones are refused until it is allocated again.
-        seqlock::mark_free(&shared.pages[index as usize].seq);
+        // ones are refused until it is allocated again. (A pool without
+        // optimistic reads has no such readers: it skips the version.)
+        if shared.optimistic {
+            seqlock::mark_free(&shared.pages[index as usize].seq);
+        }
         #[cfg(test)]
         fault::hit(fault::Point::PageFree);
         shared.free.push(index);

@@ -254,18 +254,18 @@ pub(crate) fn map_fd(
     })
 }
 
-/// How many `fork()`s led to this process, counted by a `pthread_atfork`
-/// child handler: an object that recorded a different number was created
-/// by an ancestor, before a `fork()`. Starts counting at the first call
-/// (register it before any fork that matters: when a pool is created).
-/// Forks that skip the handlers (a raw `clone` system call) are not seen.
-pub(crate) fn forks() -> u32 {
+#[cfg(percpu_ref_linux)]
+static FORKS: crate::sync::AtomicU32 = crate::sync::AtomicU32::new(0);
+
+/// Start counting `fork()`s (see [`forks`]): registers a `pthread_atfork`
+/// child handler, once per process. Call it before any fork that matters
+/// (when a pool is created); returns [`forks`].
+pub(crate) fn watch_forks() -> u32 {
     #[cfg(percpu_ref_linux)]
     {
-        use crate::sync::{AtomicU32, Ordering::Relaxed};
+        use crate::sync::Ordering::Relaxed;
         use std::sync::Once;
 
-        static FORKS: AtomicU32 = AtomicU32::new(0);
         static WATCH: Once = Once::new();
 
         extern "C" fn child() {
@@ -282,8 +282,20 @@ pub(crate) fn forks() -> u32 {
             // documented for handler-less forks.
             let _ = unsafe { libc::pthread_atfork(None, None, Some(child)) };
         });
-        // Relaxed: see `child`.
-        FORKS.load(Relaxed)
+    }
+    forks()
+}
+
+/// How many `fork()`s led to this process since [`watch_forks`] was first
+/// called: an object that recorded a different number was created by an
+/// ancestor, before a `fork()`. Forks that skip the handlers (a raw
+/// `clone` system call) are not seen.
+#[inline]
+pub(crate) fn forks() -> u32 {
+    #[cfg(percpu_ref_linux)]
+    {
+        // Relaxed: see `watch_forks`'s handler.
+        FORKS.load(crate::sync::Ordering::Relaxed)
     }
     #[cfg(not(percpu_ref_linux))]
     {
@@ -578,7 +590,7 @@ mod tests {
         // SAFETY: as above.
         unsafe { m.unmap().unwrap() };
         // The count only changes in a child.
-        assert_eq!(forks(), forks());
+        assert_eq!(watch_forks(), forks());
     }
 
     #[test]
