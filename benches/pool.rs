@@ -16,11 +16,11 @@
 //! Run: `cargo bench --bench pool` (quick look:
 //! `cargo bench --bench pool -- --warm-up-time 1 --measurement-time 2`).
 //! One iteration is one operation pair *on every thread*; the summary at
-//! the end prints, per pair per thread, criterion's median and the fastest
-//! sample (the least disturbed by other load on the machine), and the
-//! ratios the targets are stated in, of both (this run only: absolute
-//! times vary between runs). The `floor` group shows what two threads get
-//! on this machine with no shared memory at all.
+//! the end prints median ns per pair per thread and the ratios the targets
+//! are stated in (this run only: absolute times vary between runs). The
+//! `floor` group shows what two threads get on this machine with no shared
+//! memory at all: other load on a small machine lowers every 2-thread
+//! number, and the summary divides the efficiencies by the floor's too.
 
 #[path = "contenders/report.rs"]
 mod report;
@@ -29,8 +29,6 @@ use arc_swap::ArcSwap;
 use criterion::{Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
 use percpu_ref::{DevicePage, DevicePagePool, PoolOptions};
-use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -354,21 +352,12 @@ fn plan() -> Vec<Group> {
     ]
 }
 
-/// The fastest sample of each (group, contender), in ns per pair per
-/// thread: where other load on the machine disturbs some samples, the
-/// fastest one is the least disturbed.
-type Best = RefCell<BTreeMap<(String, String), f64>>;
-
-/// A way to read one measurement: (group, threads, contender) → ns.
-type Measure<'a> = &'a dyn Fn(&str, usize, &str) -> Option<f64>;
-
 fn main() {
     let results = report::Results::start();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     if !pin(&cores, 0) {
         eprintln!("warning: could not pin the benchmark thread; results are unpinned");
     }
-    let best: Best = RefCell::default();
     let mut c = Criterion::default().configure_from_args();
     for (name, threads, contenders) in plan() {
         for &t in &threads {
@@ -376,44 +365,29 @@ fn main() {
             g.throughput(Throughput::Elements(t as u64));
             for (who, make) in &contenders {
                 let work = make();
-                let key = (group(name, t), who.to_string());
                 g.bench_function(*who, |b| {
-                    b.iter_custom(|iters| {
-                        let d = run(&*work, t, iters, &cores);
-                        let ns = d.as_secs_f64() * 1e9 / iters.max(1) as f64;
-                        let mut best = best.borrow_mut();
-                        let e = best.entry(key.clone()).or_insert(f64::MAX);
-                        *e = e.min(ns);
-                        d
-                    })
+                    b.iter_custom(|iters| run(&*work, t, iters, &cores))
                 });
             }
             g.finish();
         }
     }
     c.final_summary();
-    summary(&results, &best.into_inner());
+    summary(&results);
 }
 
-fn summary(results: &report::Results, best: &BTreeMap<(String, String), f64>) {
+fn summary(results: &report::Results) {
     // Medians from criterion; only this run's (`None` when filtered out).
     let t = |g: &str, threads: usize, who: &str| results.median_ns(&group(g, threads), who);
-    let b = |g: &str, threads: usize, who: &str| {
-        t(g, threads, who)?;
-        best.get(&(group(g, threads), who.to_string())).copied()
-    };
-    let rows: Vec<(String, [Option<f64>; 4])> = plan()
+    let rows: Vec<(String, Option<f64>, Option<f64>)> = plan()
         .into_iter()
         .flat_map(|(g, _, contenders)| {
-            contenders.into_iter().map(move |(who, _)| {
-                (
-                    format!("{g} {who}"),
-                    [t(g, 1, who), b(g, 1, who), t(g, 2, who), b(g, 2, who)],
-                )
-            })
+            contenders
+                .into_iter()
+                .map(move |(who, _)| (format!("{g} {who}"), t(g, 1, who), t(g, 2, who)))
         })
         .collect();
-    if rows.iter().all(|(_, r)| r.iter().all(Option::is_none)) {
+    if rows.iter().all(|(_, a, b)| a.is_none() && b.is_none()) {
         return; // filtered out, `--test`, `--list`, ...
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -426,67 +400,60 @@ fn summary(results: &report::Results, best: &BTreeMap<(String, String), f64>) {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     println!();
-    println!("pool summary: ns per pair per thread, this run only ({cpu})");
-    println!(
-        "{:<40} {:>9} {:>9} {:>9} {:>9}",
-        "workload", "1t median", "1t best", "2t median", "2t best"
-    );
-    for (name, r) in &rows {
-        println!(
-            "{:<40} {:>9} {:>9} {:>9} {:>9}",
-            name,
-            report::ns(r[0]),
-            report::ns(r[1]),
-            report::ns(r[2]),
-            report::ns(r[3])
-        );
+    println!("pool summary: median ns per pair per thread, this run only ({cpu})");
+    println!("{:<40} {:>10} {:>10}", "workload", "1 thread", "2 threads");
+    for (name, a, b) in &rows {
+        println!("{:<40} {:>10} {:>10}", name, report::ns(*a), report::ns(*b));
     }
     let pool = "device_page_pool";
-    // Ratios of medians, and of fastest samples in brackets.
-    let both = |f: &dyn Fn(Measure<'_>) -> String| format!("{} [{}]", f(&t), f(&b));
     println!();
-    println!("ratios: of medians [of fastest samples]");
     for other in ["mutex_vec", "array_queue"] {
         println!(
             "alloc+free ÷ {other}: {} (1 thread), {} (2 threads)",
-            both(&|m| report::ratio(m("alloc_free", 1, pool), m("alloc_free", 1, other))),
-            both(&|m| report::ratio(m("alloc_free", 2, pool), m("alloc_free", 2, other))),
+            report::ratio(t("alloc_free", 1, pool), t("alloc_free", 1, other)),
+            report::ratio(t("alloc_free", 2, pool), t("alloc_free", 2, other)),
         );
     }
-    // Efficiency = 1-thread time ÷ 2-thread time per pair per thread.
-    let eff = |m: Measure<'_>, g2: &str, who: &str| {
-        report::ratio(m("lookup_same", 1, who), m(g2, 2, who)).replace('×', "")
+    // Efficiency = 1-thread time ÷ 2-thread time per pair per thread. The
+    // floor's is the most any workload gets on this machine in this run
+    // (other load on it lowers every 2-thread number alike).
+    let eff = |g1: &str, g2: &str, who: &str| match (t(g1, 1, who), t(g2, 2, who)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
     };
-    let floor = |m: Measure<'_>| {
-        report::ratio(
-            m("floor", 1, "register_arithmetic"),
-            m("floor", 2, "register_arithmetic"),
-        )
-        .replace('×', "")
-    };
+    let floor = eff("floor", "floor", "register_arithmetic");
+    let show = |e: Option<f64>| e.map_or_else(|| "-".into(), |e| format!("{e:.2}"));
     println!(
         "machine floor (no shared memory at all): 2-thread efficiency {}",
-        both(&|m| floor(m))
+        show(floor)
     );
-    for spread in ["adjacent", "distant"] {
-        let g2 = format!("lookup_{spread}");
+    for spread in ["adjacent", "distant", "same"] {
+        let e = eff("lookup_same", &format!("lookup_{spread}"), pool);
         println!(
-            "lookup+drop, two {spread} pages: 2-thread efficiency {} (target ≥ 0.9; the floor is the most any workload gets here)",
-            both(&|m| eff(m, &g2, pool)),
+            "lookup+drop, {} page{}: 2-thread efficiency {} (÷ floor: {}){}",
+            if spread == "same" { "one" } else { spread },
+            if spread == "same" {
+                ""
+            } else {
+                "s, one per thread"
+            },
+            show(e),
+            show(e.zip(floor).map(|(e, f)| e / f)),
+            if spread == "same" {
+                ""
+            } else {
+                " (target ≥ 0.9)"
+            },
         );
     }
-    println!(
-        "lookup+drop, one page: 2-thread efficiency {}",
-        both(&|m| eff(m, "lookup_same", pool)),
-    );
     for who in ["scoped_read", "scoped_read_by_index"] {
         if t("read_hot", 1, who).is_none() && t("read_hot", 2, who).is_none() {
             continue;
         }
         println!(
             "{who} of one hot page: 2 threads ÷ 1 thread {} (target ≤ 2), ÷ lookup+drop of one page at 2 threads {} (target ≤ 0.2)",
-            both(&|m| report::ratio(m("read_hot", 2, who), m("read_hot", 1, who))),
-            both(&|m| report::ratio(m("read_hot", 2, who), m("lookup_same", 2, pool))),
+            report::ratio(t("read_hot", 2, who), t("read_hot", 1, who)),
+            report::ratio(t("read_hot", 2, who), t("lookup_same", 2, pool)),
         );
     }
 }
