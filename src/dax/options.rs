@@ -17,7 +17,9 @@ pub const MIN_PAGE_SIZE: usize = 4096;
 ///     .page_size(2 << 20) // 2 MiB pages
 ///     .size(1 << 30) // only the first GiB...
 ///     .offset(0) // ...from the start
-///     .allow_file_fallback(true); // msync if the file is not on DAX
+///     .allow_file_fallback(true) // msync if the file is not on DAX
+///     .optimistic_reads(true) // DevicePagePool::read; pages written by DevicePage::writer
+///     .lock(true); // the default: no second pool over the same file
 /// assert_eq!(opts.get_page_size(), 2 << 20);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
