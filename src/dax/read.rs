@@ -276,8 +276,9 @@ unsafe fn read_pinned<R>(
         }
         Err(_) => return Err(PoolError::PageBusy { index }),
     };
-    // SAFETY: the caller's pin keeps the region mapped until the end of
-    // this call, after the view's last use (the view cannot escape `f`).
+    // SAFETY: `index` is a page (`slot` above was found by it), and the
+    // caller's pin keeps the region mapped until the end of this call,
+    // after the view's last use (the view cannot escape `f`).
     let words = unsafe { shared.words(index) };
     let r = f(&PageView { words, index });
     if seqlock::read_validate(&slot.seq, begin) {
@@ -301,8 +302,8 @@ pub struct PageWriter<'a> {
 
 impl PageWriter<'_> {
     fn words(&self) -> &[AtomicUsize] {
-        // SAFETY: our page reference keeps the region mapped while `self`
-        // (which borrows the page) lives.
+        // SAFETY: our page is a page of its pool, and our page reference
+        // keeps the region mapped while `self` (which borrows it) lives.
         unsafe { self.page.shared().words(self.page.index()) }
     }
 

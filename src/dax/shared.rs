@@ -140,17 +140,19 @@ impl Shared {
     ///
     /// # Safety
     ///
-    /// The region stays mapped while the result is used: the caller holds
-    /// a page reference or a pool reference (`tryget_live`).
+    /// `index` is a page of this pool (`< pages.len()`), and the region
+    /// stays mapped while the result is used: the caller holds a page
+    /// reference or a pool reference (`tryget_live`).
     #[inline]
     pub(super) unsafe fn words(&self, index: usize) -> &[AtomicUsize] {
+        debug_assert!(index < self.pages.len());
         let p = self
             .region()
             .base()
             .as_ptr()
             .wrapping_add(index << self.page_shift);
-        // SAFETY: `index < pages`, so the page lies inside the mapping,
-        // which is mapped while the caller uses it (caller) and aligned to
+        // SAFETY: `index < pages` (caller), so the page lies inside the
+        // mapping, which is mapped while the caller uses it (caller) and aligned to
         // the page size, a multiple of the word size; `AtomicUsize` has
         // the layout of `usize`, and every access through it is atomic.
         unsafe {
