@@ -115,15 +115,27 @@ fn main() -> ExitCode {
             p.writes_per_sec()
         );
     }
-    let ratio = |ours: &str, theirs: &str| match (out.phase(ours), out.phase(theirs)) {
-        (Some(a), Some(b)) => format!("{:.2}x", b.ns_per_op() / a.ns_per_op()),
-        _ => "-".into(),
+    let phases = |ours: &str, theirs: &str| out.phase(ours).zip(out.phase(theirs));
+    let cost = |ours: &str, theirs: &str| {
+        phases(ours, theirs).map_or_else(
+            || "-".into(),
+            |(a, b)| format!("{:.2}x", b.ns_per_op() / a.ns_per_op()),
+        )
+    };
+    let rate = |ours: &str, theirs: &str| {
+        phases(ours, theirs).map_or_else(
+            || "-".into(),
+            |(a, b)| format!("{:.2}x", a.ops_per_sec() / b.ops_per_sec()),
+        )
     };
     println!(
-        "  cost per read, Arc + rundown ÷ pool: hot reads {} (scoped read), {} (lookup); I/O {}",
-        ratio(engine::HOT_SCOPED, engine::HOT_ARC),
-        ratio(engine::HOT_COUNTED, engine::HOT_ARC),
-        ratio(engine::IO_POOL, engine::IO_ARC),
+        "  hot reads, cost per read, Arc + rundown ÷ pool: {} (scoped read), {} (lookup)",
+        cost(engine::HOT_SCOPED, engine::HOT_ARC),
+        cost(engine::HOT_COUNTED, engine::HOT_ARC),
+    );
+    println!(
+        "  I/O (holds dominate), reads/s, pool ÷ Arc + rundown: {}",
+        rate(engine::IO_POOL, engine::IO_ARC),
     );
     for (i, ops) in out.reader_ops.iter().enumerate() {
         println!("  I/O reader {i} reads        {ops:>12}");
