@@ -139,5 +139,6 @@ pub mod internals {}
 /// * **A file truncated under a live pool** (by another process, or by this
 ///   one) makes touching the pages past the new end raise `SIGBUS`, as for
 ///   any `mmap` of a file. The pool holds an advisory lock on the file, which
-///   cooperating programs respect; nothing stops an uncooperative one.
+///   cooperating programs respect; nothing stops an uncooperative one. See
+///   the pool's limitations (and its section on `fork()`).
 pub mod limitations {}

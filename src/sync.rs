@@ -26,14 +26,18 @@ compile_error!("--cfg percpu_ref_loom and --cfg percpu_ref_shuttle are exclusive
 #[cfg(not(percpu_ref_model))]
 #[allow(unused_imports)] // the full set, for every layer
 pub(crate) use std::sync::{
-    atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicUsize, Ordering},
+    atomic::{
+        fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    },
     Arc, Condvar, Mutex, MutexGuard,
 };
 
 #[cfg(percpu_ref_loom)]
 #[allow(unused_imports)]
 pub(crate) use loom::sync::{
-    atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicUsize, Ordering},
+    atomic::{
+        fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    },
     Arc, Condvar, Mutex, MutexGuard,
 };
 

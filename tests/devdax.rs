@@ -15,9 +15,9 @@
 //! at a device holding data you want to keep. Its contents persist from one
 //! run to the next, so nothing assumes it starts zeroed: data is tagged with
 //! a fresh random nonce per test. They take a process-wide lock, so they
-//! may also run with several test threads. Device facts (size and alignment
-//! only in sysfs, SIGBUS past the end, no `MAP_PRIVATE`) are in DESIGN.md
-//! §7.
+//! may also run with several test threads. The device facts they rely on
+//! (size and alignment only in sysfs, SIGBUS past the end, no
+//! `MAP_PRIVATE`) are checked by the tests themselves.
 
 #![cfg(all(feature = "dax", percpu_ref_linux))]
 
@@ -106,7 +106,7 @@ fn device(path: &Path) -> Dax {
     let bus = Path::new("/sys/bus/dax/devices").join(name);
     assert_eq!(read_sysfs_u64(&bus.join("size")), size);
     assert_eq!(read_sysfs_u64(&bus.join("align")), align);
-    // What an fstat says instead (DESIGN §7): nothing useful.
+    // What an fstat says instead: nothing useful.
     assert_eq!(meta.len(), 0, "fstat size of a dax device");
     assert!(align.is_power_of_two() && align >= KIB4 as u64, "{align}");
     assert!(size > 0 && size % align == 0, "size {size}, align {align}");
@@ -348,13 +348,20 @@ fn open_whole_device_matches_sysfs() {
     // (The other pages were freed when the vector was consumed.)
     assert_eq!(pool.stats().allocated, 1);
 
-    // A second pool on the same device, 2 MiB (alignment-sized) pages,
-    // alive at the same time: its own mapping, found by lookup, and the
-    // same bytes.
+    // A second pool on the same device is refused while the first holds
+    // its lock...
     let opts = PoolOptions::new()
         .page_size(d.align_usize())
         .allow_file_fallback(true); // irrelevant for a device
-    let big = DevicePagePool::open(&d.path, &opts).unwrap();
+    let e = DevicePagePool::open(&d.path, &opts).unwrap_err();
+    assert!(
+        matches!(&e, PoolError::AlreadyOpen { path } if *path == d.path),
+        "{e:?}"
+    );
+    // ...and opened without the lock (the caller coordinates): 2 MiB
+    // (alignment-sized) pages, alive at the same time, its own mapping,
+    // found by lookup, and the same bytes.
+    let big = DevicePagePool::open(&d.path, &opts.lock(false)).unwrap();
     assert_eq!(big.backend(), Backend::DevDax);
     assert_eq!(big.len() as u64, d.size);
     assert_eq!(big.page_count() as u64, d.size / d.align);
@@ -457,8 +464,8 @@ fn sub_range_with_4k_pages_lands_at_its_offset() {
     assert_eq!(pool.page_count() as u64, 2 * a / KIB4 as u64);
     let base = pool.as_ptr() as usize;
     assert_mapped(&d, base, pool.len(), offset);
-    // The mapping holds the device; the pool keeps no descriptor.
-    assert_eq!(dax_fds(&d), 0);
+    // The pool keeps one descriptor: it holds the device's lock.
+    assert_eq!(dax_fds(&d), 1);
     let mut pages = alloc_all(&pool);
     for p in &mut pages {
         let off = offset + (p.index() * KIB4) as u64;
@@ -485,6 +492,7 @@ fn sub_range_with_4k_pages_lands_at_its_offset() {
         .is_none());
     drop(pool);
     assert_unmapped(&d, base);
+    assert_eq!(dax_fds(&d), 0, "the unmap closed it");
 
     // Through the whole device in 2 MiB pages: the data is in units 4 and
     // 5, and the words just outside them were not written.
@@ -772,20 +780,25 @@ fn bad_input_returns_typed_errors_before_mapping() {
     // the first touch (`raw_mmap_past_the_end_faults`): refused up front.
     let e = open(PoolOptions::new().offset(s));
     assert!(
-        matches!(&e, PoolError::ZeroSize { path } if *path == d.path),
+        matches!(&e, PoolError::TooSmall { path, what: "device", available, offset, .. }
+            if *path == d.path && *available == s && *offset == s),
         "{e:?}"
     );
-    for (size, offset) in [
-        (None, s + a),
-        (Some(a), s),
-        (Some(a), s + a),
-        (Some(a), 64 * s),
-    ] {
-        let mut o = PoolOptions::new().offset(offset);
-        if let Some(size) = size {
-            o = o.size(size);
-        }
-        let e = open(o);
+    let e = open(PoolOptions::new().offset(s + a));
+    assert!(
+        matches!(&e, PoolError::OffsetPastEnd { what: "device", offset, available, .. }
+            if *offset == s + a && *available == s),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{p}: offset {} is past the end of the device ({s} bytes)",
+            s + a
+        )
+    );
+    for (size, offset) in [(a, s), (a, s + a), (a, 64 * s)] {
+        let e = open(PoolOptions::new().offset(offset).size(size));
         assert!(
             matches!(&e, PoolError::TooLarge { offset: off, available, .. }
                 if *off == offset && *available == s),
@@ -818,7 +831,7 @@ fn bad_input_returns_typed_errors_before_mapping() {
     let huge = (s + 1).next_power_of_two() as usize;
     let e = open(PoolOptions::new().page_size(huge));
     assert!(
-        matches!(&e, PoolError::PageSizeTooLarge { page_size, pool_size } if *page_size == huge && *pool_size == s),
+        matches!(&e, PoolError::TooSmall { page_size, available, offset: 0, .. } if *page_size == huge && *available == s),
         "{e:?}"
     );
     let e = open(PoolOptions::new().page_size(2 * a as usize).size(a));
@@ -837,7 +850,7 @@ fn bad_input_returns_typed_errors_before_mapping() {
 
 /// Why the pool must bound-check before mapping: on device dax a mapping
 /// past the end is *accepted* by `mmap` and the first touch raises SIGBUS
-/// (DESIGN.md §7). Checked in a forked child, so the test survives it.
+/// Checked in a forked child, so the test survives it.
 #[test]
 #[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
 fn raw_mmap_past_the_end_faults() {
@@ -864,7 +877,7 @@ fn raw_mmap_past_the_end_faults() {
     assert_ne!(
         ptr,
         libc::MAP_FAILED,
-        "mmap past the end of {} failed ({}); DESIGN.md §7 says it succeeds",
+        "mmap past the end of {} failed ({}); on device dax it succeeds",
         d.path.display(),
         std::io::Error::last_os_error()
     );
@@ -957,4 +970,144 @@ fn unprivileged_open_is_permission_denied() {
     );
     assert!(out.status.success(), "{}\n{text}", out.status);
     assert!(text.contains("1 passed"), "{text}");
+}
+
+/// One pool per device: a second open is refused while the first pool's
+/// memory is mapped (also through a symbolic link to the node), even with
+/// disjoint ranges, unless both opt out of the lock; the unmap releases it.
+#[test]
+#[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
+fn a_device_is_opened_by_one_pool_at_a_time() {
+    let (_lock, d) = dax_or_skip!();
+    let a = d.align;
+    let first = DevicePagePool::open(&d.path, &PoolOptions::new().size(a)).unwrap();
+    let e = DevicePagePool::open(&d.path, &PoolOptions::new().size(a).offset(a)).unwrap_err();
+    assert!(
+        matches!(&e, PoolError::AlreadyOpen { path } if *path == d.path),
+        "{e:?}"
+    );
+    let link = std::env::temp_dir().join(format!("percpu-ref-dax-link-{}", std::process::id()));
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&d.path, &link).unwrap();
+    let e = DevicePagePool::open(&link, &PoolOptions::new().size(a)).unwrap_err();
+    fs::remove_file(&link).unwrap();
+    assert!(matches!(e, PoolError::AlreadyOpen { .. }), "{e:?}");
+    let page = first.alloc().unwrap();
+    let sd = first.shutdown();
+    drop(first);
+    assert!(DevicePagePool::open(&d.path, &PoolOptions::new().size(a)).is_err());
+    drop(page);
+    assert!(sd.is_complete());
+    assert_eq!(dax_fds(&d), 0);
+    // The unmap released it; and without the lock, two pools coexist.
+    let unlocked = PoolOptions::new().size(a).lock(false);
+    let low = DevicePagePool::open(&d.path, &unlocked).unwrap();
+    let high = DevicePagePool::open(&d.path, &unlocked.offset(a)).unwrap();
+    assert_eq!(dax_mappings(&d).len(), 2);
+    drop((low, high));
+    assert!(dax_mappings(&d).is_empty());
+}
+
+/// A `fork()` child gets no mapping of the device (so it cannot hand out
+/// the parent's pages), refuses to use its copy of the pool, and its
+/// shutdown leaves the parent's pool alone.
+#[test]
+#[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
+fn a_fork_child_gets_no_mapping_of_the_device() {
+    let (_lock, d) = dax_or_skip!();
+    let a = d.align;
+    let pool = DevicePagePool::open(&d.path, &PoolOptions::new().size(a)).unwrap();
+    let base = pool.as_ptr() as usize;
+    let mut page = pool.alloc().unwrap();
+    let nonce = nonce();
+    fill(page.as_mut_slice().unwrap(), 0, nonce);
+    let mut slot = Some((pool, page));
+    // SAFETY: fork; the child only uses this test's pool and memory and
+    // `_exit`s (no unwinding into the harness).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let (pool, page) = slot.take().unwrap();
+        let code = if dax_mappings(&d).iter().any(|m| m.start == base) {
+            1
+        } else if !matches!(pool.alloc(), Err(PoolError::Forked { .. })) {
+            2
+        } else if !matches!(page.persist(), Err(PoolError::Forked { .. })) {
+            3
+        } else {
+            drop(page);
+            let report = pool.shutdown().wait();
+            if matches!(
+                report.persist_error.as_deref(),
+                Some(PoolError::Forked { .. })
+            ) {
+                0
+            } else {
+                4
+            }
+        };
+        // SAFETY: ends the child without running the parent's handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: our own child; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+    let (pool, page) = slot.unwrap();
+    assert_mapped(&d, base, a as usize, 0);
+    assert_pattern(page.as_slice(), 0, nonce);
+    page.persist().unwrap();
+    drop(page);
+    assert!(pool.shutdown().wait().persist_error.is_none());
+    assert_unmapped(&d, base);
+}
+
+/// Optimistic reads of device pages: a writer rewrites a page under two
+/// readers; every validated read is one whole version.
+#[test]
+#[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
+fn optimistic_reads_of_device_pages() {
+    let (_lock, d) = dax_or_skip!();
+    let opts = PoolOptions::new().size(d.align).optimistic_reads(true);
+    let pool = DevicePagePool::open(&d.path, &opts).unwrap();
+    let mut page = pool.alloc().unwrap();
+    assert!(page.as_mut_slice().is_none());
+    page.writer().unwrap().fill(0);
+    let index = page.index();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let validated = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let (page, stop) = (&mut page, &stop);
+        s.spawn(move || {
+            for v in 1..=2_000u32 {
+                page.writer().unwrap().fill(v as u8);
+            }
+            stop.store(true, SeqCst);
+        });
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(SeqCst) {
+                    match pool.read_page(index, |v| {
+                        let b = v.to_vec();
+                        b.iter().all(|&x| x == b[0])
+                    }) {
+                        Ok(whole) => {
+                            assert!(whole, "a validated read saw a torn page");
+                            validated.fetch_add(1, SeqCst);
+                        }
+                        Err(PoolError::PageChanged { .. } | PoolError::PageBusy { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+        }
+    });
+    eprintln!("{} validated reads", validated.load(SeqCst));
+    assert_eq!(
+        pool.read_page(index, |v| v.read_u8(0).unwrap()).unwrap(),
+        (2_000u32 % 256) as u8
+    );
 }

@@ -17,6 +17,8 @@ fn small() -> Config {
         phase: Duration::from_millis(if cfg!(miri) { 20 } else { 300 }),
         hold: Duration::from_micros(300),
         depth: 4,
+        hot_readers: 2,
+        hot_keys: 4,
         arc_baseline: true,
         verbose: false,
     }
@@ -26,6 +28,15 @@ fn check(cfg: &Config) -> engine::Outcome {
     let out = engine::run(cfg).expect("run");
     assert_eq!(out.problems(), Vec::<String>::new());
     assert_eq!(out.checksum_failures, 0);
+    // Hot reads ran (scoped and counted), and none saw a torn page.
+    assert_eq!(out.torn_reads, 0);
+    assert!(out.hot_reads > 0);
+    for name in [engine::HOT_SCOPED, engine::HOT_COUNTED, engine::IO_POOL] {
+        let p = out
+            .phase(name)
+            .unwrap_or_else(|| panic!("phase {name} ran"));
+        assert!(p.ops > 0 && p.ns_per_op() > 0.0, "{p:?}");
+    }
     // Nothing lost: every page is back on the free lists.
     assert_eq!(out.free_after, out.total_pages);
     assert_eq!(out.allocated_after, 0);
@@ -48,7 +59,10 @@ fn check(cfg: &Config) -> engine::Outcome {
 #[test]
 fn hot_shutdown_on_anonymous_pool_keeps_every_invariant() {
     let out = check(&small());
-    assert!(out.arc_ops_per_sec.is_some());
+    // The baseline ran, and its shutdown guard held.
+    assert!(out.phase(engine::IO_ARC).is_some_and(|p| p.ops > 0));
+    assert!(out.phase(engine::HOT_ARC).is_some_and(|p| p.ops > 0));
+    assert_eq!(out.baseline_leaks, 0);
 }
 
 #[test]

@@ -6,22 +6,27 @@
 //! * a **page table** `key → page address`, read lock-free by readers;
 //!   a reader turns an address into a counted page with
 //!   [`DevicePagePool::lookup`] (like the kernel's `get_dev_pagemap` +
-//!   `get_page_unless_zero`), then re-checks that the table still maps the
-//!   key to that address (a speculative reference to a recycled page is
-//!   dropped and retried);
-//! * **readers** hold pages across simulated I/O (a queue of in-flight
+//!   `get_page_unless_zero`), then re-checks that the page still holds the
+//!   key (a speculative reference to a recycled page is dropped and
+//!   retried) — or, for a short read, reads the page optimistically with
+//!   [`DevicePagePool::read`], no reference taken;
+//! * **I/O readers** hold pages across simulated I/O (a queue of in-flight
 //!   reads that complete after `hold`), verifying each page's checksum at
 //!   issue and at completion;
-//! * a **writer** allocates a page, fills it (key, version, payload,
-//!   checksum) while it is the only reference, persists it, publishes it in
-//!   the table and drops the page it replaced;
-//! * mid-run a **hot shutdown**: new lookups and allocations fail with
+//! * **hot readers** read a small hot key set with no hold, as fast as they
+//!   can: there the cost of a lookup is the whole cost;
+//! * a **writer** allocates a page, fills it (key, version, check word,
+//!   payload, checksum) while it is the only reference, persists it,
+//!   publishes it in the table and drops the page it replaced;
+//! * at the end a **hot shutdown**: new lookups and allocations fail with
 //!   `PoolError::ShuttingDown`, the engine evicts its table, readers finish
 //!   their in-flight I/O on pages that stay valid, and the pool unmaps only
 //!   after the last page drops.
 //!
-//! The same workload runs first with page lifetimes tracked by `Arc`
-//! (an `ArcSwapOption` per table slot), for a throughput ratio.
+//! The same workloads run first with what a user would write for the same
+//! safety without this crate: `Arc` pages (an `ArcSwapOption` per table
+//! slot) plus a shutdown guard taken per I/O — a shared rundown counter
+//! that the device's shutdown closes and waits to drain.
 
 #![allow(dead_code, unreachable_pub)] // shared with the test, which uses a subset
 
@@ -37,7 +42,7 @@ use std::time::{Duration, Instant};
 /// Where the pool's memory comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// memfd: works everywhere.
+    /// Anonymous memory: works everywhere.
     Anonymous,
     /// A `/dev/daxX.Y` device.
     Dax(PathBuf),
@@ -52,15 +57,19 @@ pub struct Config {
     pub pages: usize,
     pub page_size: usize,
     pub keys: usize,
+    /// I/O readers (each with `depth` reads in flight, held for `hold`).
     pub readers: usize,
-    /// Length of each measured phase (Arc baseline, then pool until the
-    /// shutdown).
+    /// Length of each measured phase.
     pub phase: Duration,
-    /// How long a reader holds a page across its simulated I/O.
+    /// How long an I/O reader holds a page across its simulated I/O.
     pub hold: Duration,
-    /// In-flight reads per reader.
+    /// In-flight reads per I/O reader.
     pub depth: usize,
-    /// Run the `Arc` baseline first.
+    /// Threads of the read-heavy phases.
+    pub hot_readers: usize,
+    /// Keys the read-heavy phases read (the first `hot_keys` keys).
+    pub hot_keys: usize,
+    /// Run the baseline (`Arc` pages + rundown guard) phases first.
     pub arc_baseline: bool,
     /// Print progress and the timeline.
     pub verbose: bool,
@@ -74,24 +83,109 @@ impl Default for Config {
             page_size: 4096,
             keys: 1024,
             readers: 2,
-            phase: Duration::from_secs(3),
+            phase: Duration::from_millis(500),
             hold: Duration::from_micros(5000),
             depth: 32,
+            hot_readers: 4,
+            hot_keys: 8,
             arc_baseline: true,
             verbose: true,
         }
     }
 }
 
+/// One measured phase: its reads (the writer runs alongside, counted in
+/// `writes`).
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: String,
+    /// Reader threads.
+    pub threads: usize,
+    /// Reads done.
+    pub ops: u64,
+    /// Pages the writer wrote meanwhile.
+    pub writes: u64,
+    /// Wall-clock length.
+    pub secs: f64,
+    /// CPU time the reader threads used, where the OS tells.
+    pub cpu: Option<Duration>,
+}
+
+impl Phase {
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+
+    pub fn writes_per_sec(&self) -> f64 {
+        self.writes as f64 / self.secs
+    }
+
+    /// What one read costs the thread doing it: reader CPU time per read
+    /// (not disturbed by other load on the machine), or reader wall time
+    /// per read where CPU time is not available. In the I/O phases it
+    /// includes the waiting for I/O completions.
+    pub fn ns_per_op(&self) -> f64 {
+        let t = self
+            .cpu
+            .map_or(self.threads as f64 * self.secs, |c| c.as_secs_f64());
+        t * 1e9 / self.ops.max(1) as f64
+    }
+}
+
+/// This thread's CPU time, where the OS tells.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn thread_cpu_time() -> Option<Duration> {
+    use rustix::time::{clock_gettime, ClockId};
+    let t = clock_gettime(ClockId::ThreadCPUTime);
+    Some(Duration::new(
+        u64::try_from(t.tv_sec).ok()?,
+        u32::try_from(t.tv_nsec).ok()?,
+    ))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn thread_cpu_time() -> Option<Duration> {
+    None
+}
+
+/// Run `f` and add the CPU time it took on this thread to `total` (in ns;
+/// `u64::MAX` marks "not available").
+fn timed<R>(total: &AtomicU64, f: impl FnOnce() -> R) -> R {
+    let t0 = thread_cpu_time();
+    let r = f();
+    match (t0, thread_cpu_time()) {
+        (Some(a), Some(b)) => {
+            total.fetch_add((b - a).as_nanos() as u64, Relaxed);
+        }
+        _ => total.store(u64::MAX, Relaxed),
+    }
+    r
+}
+
+fn cpu(total: &AtomicU64) -> Option<Duration> {
+    match total.load(Relaxed) {
+        u64::MAX => None,
+        ns => Some(Duration::from_nanos(ns)),
+    }
+}
+
 /// What a run measured. `problems()` lists every broken invariant.
 #[derive(Debug, Default)]
 pub struct Outcome {
+    /// Every measured phase, in order.
+    pub phases: Vec<Phase>,
+    /// The pool's I/O phase (before its hot shutdown).
     pub reader_ops: Vec<u64>,
     pub writer_ops: u64,
     pub ops_per_sec: f64,
-    pub arc_ops_per_sec: Option<f64>,
     pub stale_retries: u64,
     pub checksum_failures: u64,
+    /// Reads that were validated (or counted) yet saw a page whose header
+    /// did not match itself: must be 0.
+    pub torn_reads: u64,
+    /// Reads in the read-heavy phases, validated or counted, that found
+    /// their key.
+    pub hot_reads: u64,
     /// Lookups/allocations refused with `ShuttingDown` after the shutdown.
     pub refused_after_shutdown: u64,
     /// Any other error than the expected ones.
@@ -105,6 +199,9 @@ pub struct Outcome {
     /// Pages referenced by the engine when the pool reported completion
     /// (must be 0: the pool must not unmap memory still in use).
     pub held_when_unmapped: u64,
+    /// The baseline's guard: I/Os still in flight after its shutdown
+    /// waited for them (must be 0), and I/Os let in after it closed.
+    pub baseline_leaks: u64,
     pub free_after: usize,
     pub allocated_after: usize,
     pub total_pages: usize,
@@ -119,10 +216,19 @@ impl Outcome {
         if self.checksum_failures != 0 {
             p.push(format!("{} checksum failures", self.checksum_failures));
         }
+        if self.torn_reads != 0 {
+            p.push(format!("{} reads saw a torn page", self.torn_reads));
+        }
         if self.held_when_unmapped != 0 {
             p.push(format!(
                 "pool reported unmapped while the engine held {} pages",
                 self.held_when_unmapped
+            ));
+        }
+        if self.baseline_leaks != 0 {
+            p.push(format!(
+                "the baseline's shutdown guard let {} I/Os through",
+                self.baseline_leaks
             ));
         }
         if self.free_after != self.total_pages || self.allocated_after != 0 {
@@ -138,6 +244,11 @@ impl Outcome {
         p
     }
 
+    /// The phase named `name`, if it ran.
+    pub fn phase(&self, name: &str) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+
     fn mark(&mut self, t0: Instant, what: impl Into<String>, verbose: bool) {
         let at = t0.elapsed();
         let what = what.into();
@@ -148,15 +259,30 @@ impl Outcome {
     }
 }
 
+/// Phase names (also the keys of `Outcome::phase`).
+pub const IO_ARC: &str = "I/O, Arc + rundown guard";
+pub const IO_POOL: &str = "I/O, pool lookup";
+pub const HOT_ARC: &str = "hot reads, Arc + rundown guard";
+pub const HOT_SCOPED: &str = "hot reads, pool scoped read";
+pub const HOT_COUNTED: &str = "hot reads, pool lookup";
+
 // ------------------------------------------------------------ page format
 
-const HEADER: usize = 16; // key, version
+const KEY: usize = 0;
+const VERSION: usize = 8;
+const CHECK: usize = 16;
+const HEADER: usize = 24; // key, version, check
 const TRAILER: usize = 8; // checksum
 
 fn word(b: &[u8], at: usize) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(w)
+}
+
+/// The header's check word: ties the key to the version.
+fn check_word(key: u64, version: u64) -> u64 {
+    (key ^ version.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
 
 /// FNV-style hash over the page body, 8 bytes at a time.
@@ -168,11 +294,13 @@ fn checksum(body: &[u8]) -> u64 {
     h
 }
 
-/// Fill a page: key, version, payload from an xorshift stream, checksum.
+/// Fill a page: key, version, check word, payload from an xorshift
+/// stream, checksum.
 fn fill(page: &mut [u8], key: u64, version: u64) {
     let n = page.len();
-    page[..8].copy_from_slice(&key.to_le_bytes());
-    page[8..16].copy_from_slice(&version.to_le_bytes());
+    page[KEY..KEY + 8].copy_from_slice(&key.to_le_bytes());
+    page[VERSION..VERSION + 8].copy_from_slice(&version.to_le_bytes());
+    page[CHECK..CHECK + 8].copy_from_slice(&check_word(key, version).to_le_bytes());
     let mut x = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ version | 1;
     for c in page[HEADER..n - TRAILER].chunks_exact_mut(8) {
         x ^= x << 13;
@@ -184,22 +312,41 @@ fn fill(page: &mut [u8], key: u64, version: u64) {
     page[n - TRAILER..].copy_from_slice(&sum.to_le_bytes());
 }
 
-/// Does the page hold `key` with a valid checksum?
+/// Does the page hold `key` with a valid header and checksum?
 fn verify(page: &[u8], key: u64) -> Result<(), ()> {
     let n = page.len();
-    if word(page, 0) != key || checksum(&page[..n - TRAILER]) != word(page, n - TRAILER) {
+    let (k, v, c) = (word(page, KEY), word(page, VERSION), word(page, CHECK));
+    if k != key
+        || c != check_word(k, v)
+        || checksum(&page[..n - TRAILER]) != word(page, n - TRAILER)
+    {
         return Err(());
     }
     Ok(())
+}
+
+/// A page header read by a hot reader.
+#[derive(Debug, Clone, Copy)]
+enum Peek {
+    /// key, version, check word, as read.
+    Header(u64, u64, u64),
+    /// Changed meanwhile (recycled, rewritten, being written): retry.
+    Stale,
 }
 
 // ------------------------------------------------------------ the two caches
 
 /// A page table + page source, so one workload drives both lifetimes.
 trait Cache: Sync {
-    type Page: AsRef<[u8]> + Send;
-    /// Look up `key`: `Ok(None)` if absent or raced (retry), `Err` to stop.
-    fn get(&self, key: usize) -> Result<Option<Self::Page>, PoolError>;
+    /// A page held across an I/O.
+    type Page<'a>: AsRef<[u8]>
+    where
+        Self: 'a;
+    /// Look up `key` for an I/O as reader `who`: `Ok(None)` if absent or
+    /// raced (retry), `Err` to stop.
+    fn get(&self, key: usize, who: usize) -> Result<Option<Self::Page<'_>>, PoolError>;
+    /// Read `key`'s page header, no hold.
+    fn peek(&self, key: usize) -> Result<Peek, PoolError>;
     /// Write a new version of `key`.
     fn put(&self, key: usize, version: u64) -> Result<(), PoolError>;
     /// Has the device's shutdown started (so errors are expected)?
@@ -208,26 +355,91 @@ trait Cache: Sync {
     }
 }
 
-/// Page lifetimes by `Arc`: the baseline a user would write otherwise.
+/// The shutdown guard a user writes without this crate: one shared count
+/// of I/Os in flight, and a flag the device's shutdown sets before it
+/// waits for the count to drain.
+#[derive(Default)]
+struct Rundown {
+    inflight: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// One I/O's pass through the guard.
+struct Ticket<'a>(&'a Rundown);
+
+impl Rundown {
+    fn enter(&self) -> Option<Ticket<'_>> {
+        // SeqCst with `close`: either this sees `closed`, or `close` sees
+        // this count.
+        self.inflight.fetch_add(1, SeqCst);
+        if self.closed.load(SeqCst) {
+            self.inflight.fetch_sub(1, SeqCst);
+            return None;
+        }
+        Some(Ticket(self))
+    }
+
+    /// Close and wait for the in-flight I/Os (at most `limit`): how many
+    /// are still in flight at the end.
+    fn close(&self, limit: Duration) -> u64 {
+        self.closed.store(true, SeqCst);
+        let t0 = Instant::now();
+        loop {
+            let n = self.inflight.load(SeqCst);
+            if n == 0 || t0.elapsed() > limit {
+                return n;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Page lifetimes by `Arc`, device lifetime by the rundown guard.
 struct ArcCache {
     table: Vec<ArcSwapOption<Vec<u8>>>,
+    rundown: Rundown,
     page_size: usize,
 }
 
-/// A page held through its `Arc`.
-struct ArcPage(Arc<Vec<u8>>);
+/// A page held through its `Arc`, and the I/O's guard ticket.
+struct ArcPage<'a> {
+    page: Arc<Vec<u8>>,
+    _io: Ticket<'a>,
+}
 
-impl AsRef<[u8]> for ArcPage {
+impl AsRef<[u8]> for ArcPage<'_> {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.page
     }
 }
 
 impl Cache for ArcCache {
-    type Page = ArcPage;
+    type Page<'a> = ArcPage<'a>;
 
-    fn get(&self, key: usize) -> Result<Option<ArcPage>, PoolError> {
-        Ok(self.table[key].load_full().map(ArcPage))
+    fn get(&self, key: usize, _who: usize) -> Result<Option<ArcPage<'_>>, PoolError> {
+        let Some(io) = self.rundown.enter() else {
+            return Ok(None);
+        };
+        Ok(self.table[key]
+            .load_full()
+            .map(|page| ArcPage { page, _io: io }))
+    }
+
+    fn peek(&self, key: usize) -> Result<Peek, PoolError> {
+        let Some(_io) = self.rundown.enter() else {
+            return Ok(Peek::Stale);
+        };
+        let g = self.table[key].load();
+        Ok(match g.as_deref() {
+            Some(p) => Peek::Header(word(p, KEY), word(p, VERSION), word(p, CHECK)),
+            None => Peek::Stale,
+        })
     }
 
     fn put(&self, key: usize, version: u64) -> Result<(), PoolError> {
@@ -238,6 +450,15 @@ impl Cache for ArcCache {
     }
 }
 
+/// How the pool's hot readers read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// `DevicePagePool::read`: no page reference.
+    Scoped,
+    /// `DevicePagePool::lookup` + drop.
+    Counted,
+}
+
 /// Page lifetimes by the pool: `PageRef` counts + the pool's `PercpuRef`.
 struct PoolCache {
     pool: DevicePagePool,
@@ -245,49 +466,78 @@ struct PoolCache {
     addrs: Vec<AtomicUsize>,
     /// The table's own reference per key (the writer's side).
     owners: Vec<Mutex<Option<DevicePage>>>,
-    /// Pages referenced by the engine (table + readers), decremented
-    /// *before* each drop, so the pool cannot complete while it is > 0.
-    held: Arc<AtomicU64>,
+    /// Pages referenced by the engine, one counter per I/O reader and a
+    /// last one for the table, each decremented *before* the page's drop,
+    /// so the pool cannot complete while their sum is > 0. (Per thread, so
+    /// that this bookkeeping adds no shared counter to the measurement.)
+    held: Vec<Padded>,
     allocated: AtomicU64,
+    /// How `peek` reads (set between phases).
+    read: Read,
 }
+
+/// A counter alone on its cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
 
 /// A page held by a reader, counted in `PoolCache::held`.
-struct Held {
+struct Held<'a> {
     page: DevicePage,
-    held: Arc<AtomicU64>,
+    held: &'a AtomicU64,
 }
 
-impl AsRef<[u8]> for Held {
+impl AsRef<[u8]> for Held<'_> {
     fn as_ref(&self) -> &[u8] {
         self.page.as_slice()
     }
 }
 
-impl Drop for Held {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
         // Before the page's own drop (which may be the pool's last put).
         self.held.fetch_sub(1, SeqCst);
     }
 }
 
-impl Cache for PoolCache {
-    type Page = Held;
+impl PoolCache {
+    fn table_held(&self) -> &AtomicU64 {
+        &self.held.last().expect("the table's counter").0
+    }
 
-    fn get(&self, key: usize) -> Result<Option<Held>, PoolError> {
+    fn held_total(&self) -> u64 {
+        self.held.iter().map(|h| h.0.load(SeqCst)).sum()
+    }
+
+    /// Drop every table reference (device removal: the cache lets go). The
+    /// addresses stay: later lookups of them are refused by the pool.
+    fn evict_all(&self) {
+        for owner in &self.owners {
+            let old = owner.lock().unwrap().take();
+            if let Some(old) = old {
+                self.table_held().fetch_sub(1, SeqCst);
+                drop(old);
+            }
+        }
+    }
+}
+
+impl Cache for PoolCache {
+    type Page<'a> = Held<'a>;
+
+    fn get(&self, key: usize, who: usize) -> Result<Option<Held<'_>>, PoolError> {
         let addr = self.addrs[key].load(Acquire);
         if addr == 0 {
             return Ok(None);
         }
         match DevicePagePool::lookup(addr as *const u8) {
             Ok(page) => {
-                self.held.fetch_add(1, SeqCst);
-                let held = Held {
-                    page,
-                    held: Arc::clone(&self.held),
-                };
+                let held = &self.held[who].0;
+                held.fetch_add(1, SeqCst);
+                let held = Held { page, held };
                 // The speculative reference may be to a page recycled for
-                // another key: keep it only if the table still maps it.
-                if self.addrs[key].load(Acquire) != addr {
+                // another key: keep it only if it holds this key.
+                if word(held.page.as_slice(), KEY) != key as u64 {
                     return Ok(None);
                 }
                 Ok(Some(held))
@@ -297,23 +547,55 @@ impl Cache for PoolCache {
         }
     }
 
+    fn peek(&self, key: usize) -> Result<Peek, PoolError> {
+        let addr = self.addrs[key].load(Acquire) as *const u8;
+        if addr.is_null() {
+            return Ok(Peek::Stale);
+        }
+        let header = |b: &[u8]| Peek::Header(word(b, KEY), word(b, VERSION), word(b, CHECK));
+        let got = match self.read {
+            Read::Scoped => DevicePagePool::read(addr, |v| {
+                let mut b = [0u8; HEADER];
+                v.read_into(0, &mut b).map(|()| header(&b))
+            })
+            .and_then(|r| r),
+            Read::Counted => DevicePagePool::lookup(addr).map(|p| header(p.as_slice())),
+        };
+        match got {
+            Ok(peek) => Ok(peek),
+            Err(
+                PoolError::PageChanged { .. }
+                | PoolError::PageBusy { .. }
+                | PoolError::PageNotAllocated { .. },
+            ) => Ok(Peek::Stale),
+            Err(e) => Err(e),
+        }
+    }
+
     fn closing(&self) -> bool {
         self.pool.is_shutting_down()
     }
 
     fn put(&self, key: usize, version: u64) -> Result<(), PoolError> {
+        let mut bytes = vec![0u8; self.pool.page_size()];
+        fill(&mut bytes, key as u64, version);
         let page = loop {
             let mut page = self.pool.alloc()?;
             self.allocated.fetch_add(1, Relaxed);
-            self.held.fetch_add(1, SeqCst);
+            self.table_held().fetch_add(1, SeqCst);
             // Unique unless a reader's speculative lookup of the page's old
             // address got a reference in between: then let it go (the
             // reader drops it after its re-check) and take another page.
-            if let Some(bytes) = page.as_mut_slice() {
-                fill(bytes, key as u64, version);
+            // Readers that read the page optimistically meanwhile see its
+            // version change and retry.
+            let written = match page.writer() {
+                Some(mut w) => w.write(0, &bytes).map(|()| true)?,
+                None => false,
+            };
+            if written {
                 break page;
             }
-            self.held.fetch_sub(1, SeqCst);
+            self.table_held().fetch_sub(1, SeqCst);
             drop(page);
         };
         page.persist()?;
@@ -325,42 +607,39 @@ impl Cache for PoolCache {
             old
         };
         if let Some(old) = old {
-            self.held.fetch_sub(1, SeqCst);
+            self.table_held().fetch_sub(1, SeqCst);
             drop(old);
         }
         Ok(())
     }
 }
 
-impl PoolCache {
-    /// Drop every table reference (device removal: the cache lets go). The
-    /// addresses stay: later lookups of them are refused by the pool.
-    fn evict_all(&self) {
-        for owner in &self.owners {
-            let old = owner.lock().unwrap().take();
-            if let Some(old) = old {
-                self.held.fetch_sub(1, SeqCst);
-                drop(old);
-            }
-        }
-    }
-}
-
-// ------------------------------------------------------------ the workload
+// ------------------------------------------------------------ the workloads
 
 #[derive(Default)]
 struct Counters {
+    /// Reader CPU time, ns.
+    cpu: AtomicU64,
     reads: AtomicU64,
     writes: AtomicU64,
     stale: AtomicU64,
     bad: AtomicU64,
+    torn: AtomicU64,
     refused: AtomicU64,
     errors: Mutex<Vec<String>>,
 }
 
-/// One reader: keep up to `depth` reads in flight, each held for `hold`.
-fn reader<C: Cache>(cache: &C, cfg: &Config, id: usize, stop: &AtomicBool, c: &Counters) -> u64 {
-    let mut inflight: VecDeque<(Instant, usize, C::Page)> = VecDeque::new();
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// One I/O reader: keep up to `depth` reads in flight, each held for
+/// `hold`.
+fn io_reader<C: Cache>(cache: &C, cfg: &Config, id: usize, stop: &AtomicBool, c: &Counters) -> u64 {
+    let mut inflight: VecDeque<(Instant, usize, C::Page<'_>)> = VecDeque::new();
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9);
     let mut ops = 0u64;
     let mut refused = false;
@@ -385,11 +664,8 @@ fn reader<C: Cache>(cache: &C, cfg: &Config, id: usize, stop: &AtomicBool, c: &C
             std::hint::spin_loop();
             continue;
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let key = (rng % cfg.keys as u64) as usize;
-        match cache.get(key) {
+        let key = (xorshift(&mut rng) % cfg.keys as u64) as usize;
+        match cache.get(key, id) {
             Ok(Some(page)) => {
                 if verify(page.as_ref(), key as u64).is_err() {
                     c.bad.fetch_add(1, Relaxed);
@@ -419,10 +695,42 @@ fn reader<C: Cache>(cache: &C, cfg: &Config, id: usize, stop: &AtomicBool, c: &C
     ops
 }
 
+/// One hot reader: read the headers of the hot keys until stopped.
+fn hot_reader<C: Cache>(cache: &C, cfg: &Config, id: usize, stop: &AtomicBool, c: &Counters) {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (id as u64 + 1).wrapping_mul(0x2545_f491);
+    let (mut ops, mut stale, mut torn) = (0u64, 0u64, 0u64);
+    let hot = cfg.hot_keys.clamp(1, cfg.keys) as u64;
+    while !stop.load(Relaxed) {
+        for _ in 0..64 {
+            let key = xorshift(&mut rng) % hot;
+            match cache.peek(key as usize) {
+                Ok(Peek::Header(k, v, chk)) if k == key => {
+                    if chk != check_word(k, v) {
+                        torn += 1;
+                    }
+                    ops += 1;
+                }
+                // A recycled page now holding another key, or a change.
+                Ok(_) => stale += 1,
+                Err(e) => {
+                    c.errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("hot reader {id}: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+    c.reads.fetch_add(ops, Relaxed);
+    c.stale.fetch_add(stale, Relaxed);
+    c.torn.fetch_add(torn, Relaxed);
+}
+
 /// The writer: rewrite keys round-robin until stopped or refused.
 fn writer<C: Cache>(cache: &C, cfg: &Config, stop: &AtomicBool, c: &Counters) -> u64 {
     let mut ops = 0u64;
-    let mut version = 0u64;
+    let mut version = c.writes.load(Relaxed) + cfg.keys as u64;
     while !stop.load(Relaxed) {
         version += 1;
         let key = (version as usize) % cfg.keys;
@@ -447,26 +755,70 @@ fn warm<C: Cache>(cache: &C, cfg: &Config) -> Result<(), PoolError> {
     (0..cfg.keys).try_for_each(|k| cache.put(k, 0))
 }
 
-/// Run readers + writer for `cfg.phase`; returns ops/s.
-fn measure<C: Cache>(cache: &C, cfg: &Config) -> f64 {
+/// I/O readers + writer for `cfg.phase`.
+fn measure_io<C: Cache>(cache: &C, cfg: &Config, name: &str, out: &mut Outcome) -> Phase {
     let stop = AtomicBool::new(false);
     let c = Counters::default();
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for id in 0..cfg.readers {
             let (stop, c) = (&stop, &c);
-            s.spawn(move || reader(cache, cfg, id, stop, c));
+            s.spawn(move || timed(&c.cpu, || io_reader(cache, cfg, id, stop, c)));
         }
         s.spawn(|| writer(cache, cfg, &stop, &c));
         std::thread::sleep(cfg.phase);
         stop.store(true, Relaxed);
     });
-    (c.reads.load(Relaxed) + c.writes.load(Relaxed)) as f64 / t0.elapsed().as_secs_f64()
+    let secs = t0.elapsed().as_secs_f64();
+    out.checksum_failures += c.bad.load(Relaxed);
+    let phase = Phase {
+        name: name.into(),
+        threads: cfg.readers,
+        ops: c.reads.load(Relaxed),
+        writes: c.writes.load(Relaxed),
+        secs,
+        cpu: cpu(&c.cpu),
+    };
+    out.unexpected_errors.extend(c.errors.into_inner().unwrap());
+    phase
+}
+
+/// Hot readers + writer for `cfg.phase`; counts reads only.
+fn measure_hot<C: Cache>(cache: &C, cfg: &Config, name: &str, out: &mut Outcome) -> Phase {
+    let stop = AtomicBool::new(false);
+    let c = Counters::default();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for id in 0..cfg.hot_readers {
+            let (stop, c) = (&stop, &c);
+            s.spawn(move || timed(&c.cpu, || hot_reader(cache, cfg, id, stop, c)));
+        }
+        s.spawn(|| writer(cache, cfg, &stop, &c));
+        std::thread::sleep(cfg.phase);
+        stop.store(true, Relaxed);
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    out.torn_reads += c.torn.load(Relaxed);
+    out.hot_reads += c.reads.load(Relaxed);
+    let phase = Phase {
+        name: name.into(),
+        threads: cfg.hot_readers,
+        ops: c.reads.load(Relaxed),
+        writes: c.writes.load(Relaxed),
+        secs,
+        cpu: cpu(&c.cpu),
+    };
+    out.unexpected_errors.extend(c.errors.into_inner().unwrap());
+    phase
 }
 
 fn open_pool(cfg: &Config) -> Result<DevicePagePool, String> {
     let size = cfg.pages * cfg.page_size;
-    let opts = PoolOptions::new().page_size(cfg.page_size);
+    // Optimistic reads for the hot readers: pages are written through
+    // `DevicePage::writer`.
+    let opts = PoolOptions::new()
+        .page_size(cfg.page_size)
+        .optimistic_reads(true);
     let r = match &cfg.source {
         Source::Anonymous => DevicePagePool::anonymous_with(size, &opts),
         Source::Dax(path) => DevicePagePool::open(path, &opts.size(size as u64)),
@@ -489,12 +841,21 @@ fn open_pool(cfg: &Config) -> Result<DevicePagePool, String> {
     r.map_err(|e| e.to_string())
 }
 
-/// The whole demo: Arc baseline, pool run, hot shutdown, drain, checks.
+/// The whole demo: baseline phases, pool phases, hot shutdown, drain,
+/// checks.
 pub fn run(cfg: &Config) -> Result<Outcome, String> {
-    if cfg.keys == 0 || cfg.keys * 2 > cfg.pages || cfg.readers == 0 || cfg.depth == 0 {
+    if cfg.keys == 0
+        || cfg.keys * 2 > cfg.pages
+        || cfg.readers == 0
+        || cfg.depth == 0
+        || cfg.hot_readers == 0
+        || cfg.page_size < 64
+    {
         return Err(format!(
-            "need keys >= 1, pages >= 2 * keys, readers >= 1, depth >= 1 (got keys {}, pages {}, readers {}, depth {})",
-            cfg.keys, cfg.pages, cfg.readers, cfg.depth
+            "need keys >= 1, pages >= 2 * keys, readers >= 1, depth >= 1, hot readers >= 1, \
+             page size >= 64 (got keys {}, pages {}, readers {}, depth {}, hot readers {}, \
+             page size {})",
+            cfg.keys, cfg.pages, cfg.readers, cfg.depth, cfg.hot_readers, cfg.page_size
         ));
     }
     let mut out = Outcome::default();
@@ -504,38 +865,65 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
             std::io::stdout().flush().ok();
         }
     };
+    let report = |p: &Phase| {
+        if cfg.verbose {
+            println!(
+                "  {:<34} {:>12.0} reads/s {:>10.1} ns/read",
+                p.name,
+                p.ops_per_sec(),
+                p.ns_per_op(),
+            );
+        }
+    };
 
     if cfg.arc_baseline {
         say(&format!(
-            "phase 1: Arc-tracked pages, {} readers + 1 writer, {:?}",
-            cfg.readers, cfg.phase
+            "baseline: Arc pages + a shared rundown guard per I/O, {} I/O readers + 1 writer, then {} hot readers + 1 writer, {:?} each",
+            cfg.readers, cfg.hot_readers, cfg.phase
         ));
         let arc = ArcCache {
             table: (0..cfg.keys).map(|_| ArcSwapOption::empty()).collect(),
+            rundown: Rundown::default(),
             page_size: cfg.page_size,
         };
         warm(&arc, cfg).map_err(|e| e.to_string())?;
-        let ops = measure(&arc, cfg);
-        say(&format!("  {:.0} ops/s", ops));
-        out.arc_ops_per_sec = Some(ops);
+        let p = measure_io(&arc, cfg, IO_ARC, &mut out);
+        report(&p);
+        out.phases.push(p);
+        let p = measure_hot(&arc, cfg, HOT_ARC, &mut out);
+        report(&p);
+        out.phases.push(p);
+        // The baseline's device shutdown: nothing is in flight any more,
+        // so the guard drains at once, and refuses new I/O.
+        out.baseline_leaks += arc.rundown.close(Duration::from_secs(10));
+        out.baseline_leaks += u64::from(arc.rundown.enter().is_some());
     }
 
     let pool = open_pool(cfg)?;
     out.total_pages = pool.page_count();
     say(&format!(
-        "phase 2: DevicePagePool ({:?}, {} pages of {} B), then a hot shutdown",
+        "DevicePagePool ({:?}, {} pages of {} B): {} hot readers (scoped reads, then counted lookups), then {} I/O readers and a hot shutdown",
         pool.backend(),
         pool.page_count(),
-        pool.page_size()
+        pool.page_size(),
+        cfg.hot_readers,
+        cfg.readers,
     ));
-    let cache = PoolCache {
+    let mut cache = PoolCache {
         addrs: (0..cfg.keys).map(|_| AtomicUsize::new(0)).collect(),
         owners: (0..cfg.keys).map(|_| Mutex::new(None)).collect(),
-        held: Arc::new(AtomicU64::new(0)),
+        held: (0..=cfg.readers).map(|_| Padded::default()).collect(),
         allocated: AtomicU64::new(0),
+        read: Read::Scoped,
         pool,
     };
     warm(&cache, cfg).map_err(|e| e.to_string())?;
+    for (mode, name) in [(Read::Scoped, HOT_SCOPED), (Read::Counted, HOT_COUNTED)] {
+        cache.read = mode;
+        let p = measure_hot(&cache, cfg, name, &mut out);
+        report(&p);
+        out.phases.push(p);
+    }
 
     let stop = AtomicBool::new(false);
     let c = Counters::default();
@@ -544,36 +932,32 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
         let readers: Vec<_> = (0..cfg.readers)
             .map(|id| {
                 let (cache, stop, c) = (&cache, &stop, &c);
-                s.spawn(move || reader(cache, cfg_ref, id, stop, c))
+                s.spawn(move || timed(&c.cpu, || io_reader(cache, cfg_ref, id, stop, c)))
             })
             .collect();
         let w = s.spawn(|| writer(&cache, cfg_ref, &stop, &c));
 
         // Progress, a line per second of the measured phase.
         let t_start = Instant::now();
-        let mut last = (0u64, 0u64);
         while t_start.elapsed() < cfg.phase {
             let left = cfg.phase.saturating_sub(t_start.elapsed());
             std::thread::sleep(left.min(Duration::from_secs(1)));
             if cfg.verbose && left >= Duration::from_millis(500) {
-                let now = (c.reads.load(Relaxed), c.writes.load(Relaxed));
                 let st = cache.pool.stats();
                 println!(
                     "  t={:>4.1}s  pages allocated {:>5}/{}  engine holds {:>5}",
                     t_start.elapsed().as_secs_f64(),
                     st.allocated,
                     st.pages,
-                    cache.held.load(SeqCst)
+                    cache.held_total()
                 );
-                last = now;
             }
         }
-        let _ = last;
         let t_run = t_start.elapsed();
 
         // ---- hot shutdown, readers still holding pages
         let t0 = Instant::now();
-        out.held_at_shutdown = cache.held.load(SeqCst) as usize;
+        out.held_at_shutdown = cache.held_total() as usize;
         out.mark(
             t0,
             format!(
@@ -627,7 +1011,7 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
                 }
             }
         };
-        out.held_when_unmapped = cache.held.load(SeqCst);
+        out.held_when_unmapped = cache.held_total();
         out.drain_time = t0.elapsed();
         if let Some(r) = &report {
             out.mark(
@@ -662,12 +1046,23 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
     out.allocated_after = st.allocated;
     out.reader_ops = reader_ops;
     out.writer_ops = writer_ops;
-    out.ops_per_sec =
-        (out.reader_ops.iter().sum::<u64>() + writer_ops) as f64 / t_run.as_secs_f64();
+    // The readers' CPU time includes their last in-flight reads after the
+    // shutdown, and so do their counts.
+    let io = Phase {
+        name: IO_POOL.into(),
+        threads: cfg.readers,
+        ops: out.reader_ops.iter().sum::<u64>(),
+        writes: writer_ops,
+        secs: t_run.as_secs_f64(),
+        cpu: cpu(&c.cpu),
+    };
+    out.ops_per_sec = io.ops_per_sec();
+    // In run order: the pool's I/O phase came last.
+    out.phases.push(io);
     out.stale_retries = c.stale.load(Relaxed);
-    out.checksum_failures = c.bad.load(Relaxed);
+    out.checksum_failures += c.bad.load(Relaxed);
     out.refused_after_shutdown = c.refused.load(Relaxed);
-    out.unexpected_errors = c.errors.into_inner().unwrap();
+    out.unexpected_errors.extend(c.errors.into_inner().unwrap());
     out.pages_allocated = cache.allocated.load(Relaxed);
     Ok(out)
 }

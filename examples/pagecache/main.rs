@@ -1,10 +1,12 @@
-//! A storage-engine page cache over a `DevicePagePool`, with a hot device
-//! shutdown while readers still hold pages.
+//! A storage-engine page cache over a `DevicePagePool`, against the same
+//! cache built from `Arc` pages and a shutdown guard per I/O, with a hot
+//! device shutdown while readers still hold pages.
 //!
 //! `cargo run --release --example pagecache [-- --help]`
 //!
-//! Exits non-zero on any lost page, checksum failure, unexpected error, or
-//! if the pool reported its memory unmapped while the engine held a page.
+//! Exits non-zero on any lost page, checksum failure, torn read,
+//! unexpected error, or if the pool reported its memory unmapped while the
+//! engine held a page.
 
 mod engine;
 
@@ -14,7 +16,8 @@ use std::time::Duration;
 
 const HELP: &str = "\
 pagecache: a storage-engine page cache on percpu-ref's DevicePagePool,
-with a hot shutdown while readers hold pages.
+against Arc pages + a shared rundown guard per I/O (the same safety
+without this crate), with a hot shutdown while readers hold pages.
 
 USAGE: cargo run --release --example pagecache -- [OPTIONS]
 
@@ -24,11 +27,13 @@ OPTIONS:
   --pages N          pages in the pool                 [default: 4096]
   --page-size BYTES  bytes per page (power of two)     [default: 4096]
   --keys N           distinct cached keys (<= pages/2) [default: pages/4]
-  --readers N        reader threads                    [default: 2]
-  --secs S           length of each measured phase     [default: 3]
-  --hold-us US       how long a read holds its page    [default: 5000]
-  --depth N          in-flight reads per reader        [default: 32]
-  --no-arc           skip the Arc baseline phase
+  --readers N        I/O reader threads                [default: 2]
+  --secs S           length of each measured phase     [default: 0.5]
+  --hold-us US       how long an I/O holds its page    [default: 5000]
+  --depth N          in-flight I/Os per reader         [default: 32]
+  --hot-readers N    threads of the read-heavy phases  [default: 4]
+  --hot-keys N       keys the read-heavy phases read   [default: 8]
+  --no-arc           skip the Arc baseline phases
   --quiet            print only the summary
   -h, --help         this text
 ";
@@ -58,6 +63,8 @@ fn parse() -> Result<Option<Config>, String> {
             }
             "--hold-us" => cfg.hold = Duration::from_micros(num(&a, args.next())?),
             "--depth" => cfg.depth = num(&a, args.next())?,
+            "--hot-readers" => cfg.hot_readers = num(&a, args.next())?,
+            "--hot-keys" => cfg.hot_keys = num(&a, args.next())?,
             "--no-arc" => cfg.arc_baseline = false,
             "--quiet" => cfg.verbose = false,
             other => return Err(format!("unknown option {other:?} (try --help)")),
@@ -93,20 +100,45 @@ fn main() -> ExitCode {
         }
     };
 
-    println!("\nsummary");
+    println!("\nsummary (ns/read: reader CPU time per read)");
     println!(
-        "  throughput (pool phase)   {:>12.0} ops/s",
-        out.ops_per_sec
+        "  {:<34} {:>7} {:>12} {:>10} {:>10}",
+        "phase", "readers", "reads/s", "ns/read", "writes/s"
     );
-    if let Some(arc) = out.arc_ops_per_sec {
+    for p in &out.phases {
         println!(
-            "  throughput (Arc phase)    {:>12.0} ops/s   -> PercpuRef/Arc = {:.2}x",
-            arc,
-            out.ops_per_sec / arc
+            "  {:<34} {:>7} {:>12.0} {:>10.1} {:>10.0}",
+            p.name,
+            p.threads,
+            p.ops_per_sec(),
+            p.ns_per_op(),
+            p.writes_per_sec()
         );
     }
+    let phases = |ours: &str, theirs: &str| out.phase(ours).zip(out.phase(theirs));
+    let cost = |ours: &str, theirs: &str| {
+        phases(ours, theirs).map_or_else(
+            || "-".into(),
+            |(a, b)| format!("{:.2}x", b.ns_per_op() / a.ns_per_op()),
+        )
+    };
+    let rate = |ours: &str, theirs: &str| {
+        phases(ours, theirs).map_or_else(
+            || "-".into(),
+            |(a, b)| format!("{:.2}x", a.ops_per_sec() / b.ops_per_sec()),
+        )
+    };
+    println!(
+        "  hot reads, cost per read, Arc + rundown ÷ pool: {} (scoped read), {} (lookup)",
+        cost(engine::HOT_SCOPED, engine::HOT_ARC),
+        cost(engine::HOT_COUNTED, engine::HOT_ARC),
+    );
+    println!(
+        "  I/O (holds dominate), reads/s, pool ÷ Arc + rundown: {}",
+        rate(engine::IO_POOL, engine::IO_ARC),
+    );
     for (i, ops) in out.reader_ops.iter().enumerate() {
-        println!("  reader {i} reads            {ops:>12}");
+        println!("  I/O reader {i} reads        {ops:>12}");
     }
     println!("  writer page writes        {:>12}", out.writer_ops);
     println!("  pages allocated           {:>12}", out.pages_allocated);
@@ -115,6 +147,10 @@ fn main() -> ExitCode {
         out.free_after, out.total_pages, out.allocated_after
     );
     println!("  stale lookups retried     {:>12}", out.stale_retries);
+    println!(
+        "  hot reads (torn)          {:>12} ({})",
+        out.hot_reads, out.torn_reads
+    );
     println!(
         "  refused after shutdown    {:>12}",
         out.refused_after_shutdown
@@ -131,7 +167,7 @@ fn main() -> ExitCode {
     );
     let problems = out.problems();
     if problems.is_empty() {
-        println!("\nOK: no page lost, every checksum verified, unmapped only after the last page dropped");
+        println!("\nOK: no page lost, every checksum verified, no torn read, unmapped only after the last page dropped");
         ExitCode::SUCCESS
     } else {
         for p in &problems {

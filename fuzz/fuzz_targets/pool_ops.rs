@@ -1,11 +1,14 @@
 //! `pool_ops`: operations on an anonymous `DevicePagePool` (alloc, clone,
-//! drop, write, read, persist, lookup, shutdown, wait_timeout, dropping the
+//! drop, write, read, persist, lookup, optimistic reads — also with an
+//! operation run inside the read — shutdown, wait_timeout, dropping the
 //! pool handle) applied to the pool and to a sequential model of its pages
 //! and bytes. Checked after every step: nothing is lost (allocated + free
 //! = total), every result and error equals the model's, held pages keep
 //! their contents (also after shutdown started: the memory must still be
-//! mapped — an early unmap faults under ASan), and the shutdown completes
-//! exactly when the last page is dropped. See `fuzz/README.md`.
+//! mapped — an early unmap faults under ASan), an optimistic read returns
+//! the model's bytes or exactly the model's error (`PageChanged` when the
+//! operation inside it freed or wrote its page), and the shutdown
+//! completes exactly when the last page is dropped. See `fuzz/README.md`.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -47,6 +50,41 @@ enum PoolOp {
     Shutdown,
     WaitTimeout(u8),
     DropPool,
+    /// `DevicePagePool::read` of `len` bytes at `off` of page `page`
+    /// (which may be past the end; the range may leave the page).
+    OptimisticRead {
+        page: u8,
+        off: u16,
+        len: u8,
+    },
+    /// `DevicePagePool::read` of page `page`, running `inner` inside the
+    /// read (after loading the page's first byte).
+    ReadWhile {
+        page: u8,
+        inner: Inner,
+    },
+}
+
+/// What can run inside an optimistic read.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Inner {
+    Alloc,
+    Clone(u8),
+    Drop(u8),
+    Write { h: u8, off: u16, byte: u8 },
+    Lookup { page: u8, off: u16 },
+}
+
+impl Inner {
+    fn op(self) -> PoolOp {
+        match self {
+            Inner::Alloc => PoolOp::Alloc,
+            Inner::Clone(h) => PoolOp::Clone(h),
+            Inner::Drop(h) => PoolOp::Drop(h),
+            Inner::Write { h, off, byte } => PoolOp::Write { h, off, byte },
+            Inner::Lookup { page, off } => PoolOp::Lookup { page, off },
+        }
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -58,6 +96,9 @@ struct Input {
     /// First try to build a pool of this many bytes: a bad size must be a
     /// typed error, never a panic.
     odd_size: Option<u16>,
+    /// `PoolOptions::optimistic_reads`: pages are then written through
+    /// `DevicePage::writer`, and `as_mut_slice` is always `None`.
+    optimistic: bool,
     ops: Vec<PoolOp>,
 }
 
@@ -67,6 +108,9 @@ struct PageModel {
     /// Set by a successful `as_mut_slice`, cleared by any `&self` use of
     /// the page's (only) handle or when the page is freed.
     exclusive: bool,
+    /// Bumped whenever an optimistic reader must see a change: the page
+    /// was freed, allocated or written through a writer.
+    version: u64,
 }
 
 #[derive(Debug)]
@@ -76,6 +120,7 @@ struct Model {
     mem: Vec<u8>,
     shutdown: bool,
     complete: bool,
+    optimistic: bool,
 }
 
 impl Model {
@@ -146,6 +191,7 @@ impl Run {
                     self.m.pages[i] = PageModel {
                         count: 1,
                         exclusive: false,
+                        version: self.m.pages[i].version + 1,
                     };
                     self.held.push(page);
                 }
@@ -170,6 +216,7 @@ impl Run {
                 p.count -= 1;
                 if p.count == 0 {
                     p.exclusive = false;
+                    p.version += 1;
                     self.m.maybe_complete();
                 }
             }
@@ -179,6 +226,23 @@ impl Run {
                 let i = page.index();
                 let off = off as usize % ps;
                 let unique = self.m.pages[i].count == 1;
+                if self.m.optimistic {
+                    assert!(page.as_mut_slice().is_none(), "&mut [u8] in an optimistic pool");
+                    match page.writer() {
+                        Some(mut w) => {
+                            assert!(unique, "writer on a shared page {i}");
+                            w.write(off, &[byte]).expect("in range");
+                            assert!(
+                                matches!(w.write(ps, &[byte]), Err(PoolError::OutOfRange { .. })),
+                                "writer past the end"
+                            );
+                            self.m.mem[i * ps + off] = byte;
+                            self.m.pages[i].version += 1;
+                        }
+                        None => assert!(!unique, "writer refused the only reference of {i}"),
+                    }
+                    return self.check();
+                }
                 match page.as_mut_slice() {
                     Some(s) => {
                         assert!(unique, "as_mut_slice on a shared page {i}");
@@ -301,6 +365,73 @@ impl Run {
                 }
                 assert_eq!(handle.held(), self.m.held());
             }
+            PoolOp::OptimisticRead { page, off, len } => {
+                let i = page as usize;
+                let addr = self.base + i * ps;
+                let (off, len) = (off as usize % (ps + 2), len as usize);
+                let got = DevicePagePool::read(addr as *const u8, |v| {
+                    assert_eq!((v.index(), v.len()), (i, ps));
+                    let mut buf = vec![0u8; len];
+                    v.read_into(off, &mut buf).map(|()| buf)
+                });
+                match self.read_error(i, addr) {
+                    Some(want) => assert_eq!(
+                        std::mem::discriminant(&got.unwrap_err()),
+                        std::mem::discriminant(&want),
+                        "optimistic read of page {i}"
+                    ),
+                    None => {
+                        let got = got.expect("optimistic read of an allocated page");
+                        if off + len > ps {
+                            assert!(
+                                matches!(got, Err(PoolError::OutOfRange { len: l, .. }) if l == ps),
+                                "read past the page: {got:?}"
+                            );
+                        } else {
+                            let at = i * ps + off;
+                            assert!(
+                                got.expect("in range") == self.m.mem[at..at + len],
+                                "optimistic read of page {i} at {off}"
+                            );
+                        }
+                    }
+                }
+            }
+            PoolOp::ReadWhile { page, inner } => {
+                let i = page as usize;
+                let addr = self.base + i * ps;
+                let want_err = self.read_error(i, addr);
+                let before = (i < self.m.pages.len()).then(|| self.m.pages[i].version);
+                let mut ran = false;
+                let got = DevicePagePool::read(addr as *const u8, |v| {
+                    ran = true;
+                    let first = v.read_u8(0).expect("in range");
+                    self.step(inner.op());
+                    first
+                });
+                assert_eq!(ran, want_err.is_none(), "closure ran: {got:?}");
+                match want_err {
+                    Some(want) => assert_eq!(
+                        std::mem::discriminant(&got.unwrap_err()),
+                        std::mem::discriminant(&want),
+                        "read of page {i}"
+                    ),
+                    None => {
+                        let changed = before != Some(self.m.pages[i].version);
+                        match got {
+                            Ok(first) => {
+                                assert!(!changed, "a read across a change of page {i} succeeded");
+                                assert_eq!(first, self.m.mem[i * ps], "page {i} byte 0");
+                            }
+                            Err(PoolError::PageChanged { index }) => {
+                                assert_eq!(index, i);
+                                assert!(changed, "page {i} reported changed, but was not");
+                            }
+                            Err(e) => panic!("read of page {i} around {inner:?}: {e:?}"),
+                        }
+                    }
+                }
+            }
             PoolOp::DropPool => {
                 if self.pool.take().is_some() {
                     self.m.shutdown = true;
@@ -309,6 +440,23 @@ impl Run {
             }
         }
         self.check();
+    }
+
+    /// The error an optimistic read of page `i` at `addr` must get now, or
+    /// `None` if it reads.
+    fn read_error(&self, i: usize, addr: usize) -> Option<PoolError> {
+        let path = std::path::PathBuf::from("anonymous");
+        if self.m.complete || i >= self.m.pages.len() {
+            Some(PoolError::NotMapped { addr })
+        } else if self.m.shutdown {
+            Some(PoolError::ShuttingDown { path })
+        } else if !self.m.optimistic {
+            Some(PoolError::OptimisticReadsDisabled { path })
+        } else if self.m.pages[i].count == 0 {
+            Some(PoolError::PageNotAllocated { addr, index: i })
+        } else {
+            None
+        }
     }
 
     fn check(&self) {
@@ -348,9 +496,10 @@ fuzz_target!(|input: Input| {
     }
     let page_size = if input.big_pages { 8192 } else { 4096 };
     let n = 1 + input.pages as usize % 16;
-    let pool =
-        DevicePagePool::anonymous_with(n * page_size, &PoolOptions::new().page_size(page_size))
-            .expect("anonymous pool");
+    let opts = PoolOptions::new()
+        .page_size(page_size)
+        .optimistic_reads(input.optimistic);
+    let pool = DevicePagePool::anonymous_with(n * page_size, &opts).expect("anonymous pool");
     let base = pool.as_ptr() as usize;
     assert_eq!((pool.page_count(), pool.page_size()), (n, page_size));
     let mut run = Run {
@@ -362,6 +511,7 @@ fuzz_target!(|input: Input| {
             mem: vec![0; n * page_size],
             shutdown: false,
             complete: false,
+            optimistic: input.optimistic,
         },
         held: Vec::new(),
         handles: Vec::new(),

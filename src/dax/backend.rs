@@ -33,12 +33,16 @@ pub(crate) fn anonymous_path() -> PathBuf {
 }
 
 /// Page size: a power of two, at least [`MIN_PAGE_SIZE`].
-pub(crate) fn check_page_size(page_size: usize) -> Result<(), PoolError> {
+pub(crate) fn check_page_size(path: &Path, page_size: usize) -> Result<(), PoolError> {
     if !page_size.is_power_of_two() {
-        return Err(PoolError::PageSizeNotPowerOfTwo { page_size });
+        return Err(PoolError::PageSizeNotPowerOfTwo {
+            path: path.into(),
+            page_size,
+        });
     }
     if page_size < MIN_PAGE_SIZE {
         return Err(PoolError::PageSizeTooSmall {
+            path: path.into(),
             page_size,
             min: MIN_PAGE_SIZE,
         });
@@ -46,20 +50,22 @@ pub(crate) fn check_page_size(page_size: usize) -> Result<(), PoolError> {
     Ok(())
 }
 
-/// Validate a pool of `opts` inside `available` bytes.
+/// Validate a pool of `opts` inside the `available` bytes of `what`
+/// (`"file"`, `"device"`, `"memory"`, for messages).
 ///
 /// * `offset_align`: the offset must be a multiple of it (device alignment
 ///   for dax, OS page size for files).
 /// * `size_align`: the size must be a multiple of it (device dax only).
 pub(crate) fn plan(
     path: &Path,
+    what: &'static str,
     opts: &PoolOptions,
     available: u64,
     offset_align: u64,
     size_align: Option<u64>,
 ) -> Result<Plan, PoolError> {
     let page_size = opts.page_size;
-    check_page_size(page_size)?;
+    check_page_size(path, page_size)?;
     let page = page_size as u64;
     let offset = opts.offset;
     if offset % offset_align != 0 {
@@ -85,12 +91,17 @@ pub(crate) fn plan(
             }
             if page > size {
                 return Err(PoolError::PageSizeTooLarge {
+                    path: path.into(),
                     page_size,
                     pool_size: size,
                 });
             }
             if size % page != 0 {
-                return Err(PoolError::SizeNotPageMultiple { size, page_size });
+                return Err(PoolError::SizeNotPageMultiple {
+                    path: path.into(),
+                    size,
+                    page_size,
+                });
             }
             if offset.checked_add(size).is_none_or(|end| end > available) {
                 return Err(PoolError::TooLarge {
@@ -104,31 +115,35 @@ pub(crate) fn plan(
         }
         None => {
             if offset > available {
-                return Err(PoolError::TooLarge {
+                return Err(PoolError::OffsetPastEnd {
                     path: path.into(),
-                    size: 0,
+                    what,
                     offset,
                     available,
                 });
             }
             let rest = available - offset;
-            if rest == 0 {
-                return Err(PoolError::ZeroSize { path: path.into() });
-            }
             let unit = size_align.map_or(page, |a| a.max(page));
             // Whole pages (and whole alignment units: both are powers of
             // two, so the larger is a multiple of the smaller).
             let size = rest - rest % unit;
             if size == 0 {
-                return Err(PoolError::PageSizeTooLarge {
+                return Err(PoolError::TooSmall {
+                    path: path.into(),
+                    what,
+                    available,
+                    offset,
                     page_size,
-                    pool_size: rest,
                 });
             }
             size
         }
     };
-    let too_many = || PoolError::TooManyPages { size, page_size };
+    let too_many = || PoolError::TooManyPages {
+        path: path.into(),
+        size,
+        page_size,
+    };
     let len = usize::try_from(size).map_err(|_| too_many())?;
     let pages = len / page_size;
     if u32::try_from(pages).is_err() || isize::try_from(len).is_err() {
@@ -150,11 +165,40 @@ pub(crate) fn plan_devdax(
         return Err(PoolError::PrivateDevDax { path: path.into() });
     }
     let align = align.max(mem::os_page_size() as u64);
-    plan(path, opts, size, align, Some(align))
+    plan(path, "device", opts, size, align, Some(align))
+}
+
+/// What is wrong with a path, if `e` (from `stat` or `open`) says the path
+/// itself is the problem.
+fn bad_path_reason(e: &io::Error) -> Option<&'static str> {
+    #[cfg(unix)]
+    {
+        use rustix::io::Errno;
+        match e.raw_os_error().map(Errno::from_raw_os_error) {
+            Some(Errno::LOOP) => Some("too many levels of symbolic links"),
+            Some(Errno::NOTDIR) => Some("a component of the path is not a directory"),
+            Some(Errno::NAMETOOLONG) => Some("the path is too long"),
+            _ => None,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        match e.kind() {
+            io::ErrorKind::NotADirectory => Some("a component of the path is not a directory"),
+            _ => None,
+        }
+    }
 }
 
 /// Classify an `open`/`stat` error.
 fn io_error(path: &Path, op: &str, source: io::Error) -> PoolError {
+    if let Some(reason) = bad_path_reason(&source) {
+        return PoolError::BadPath {
+            path: path.into(),
+            reason,
+            source,
+        };
+    }
     match source.kind() {
         io::ErrorKind::NotFound => PoolError::NotFound {
             path: path.into(),
@@ -174,6 +218,24 @@ fn io_error(path: &Path, op: &str, source: io::Error) -> PoolError {
     }
 }
 
+/// Refuse a path that cannot name anything before asking the system (which
+/// would say "not found" for an empty path, "invalid input" for a NUL).
+fn check_path(path: &Path) -> Result<(), PoolError> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let reason = if bytes.is_empty() {
+        "the path is empty"
+    } else if bytes.contains(&0) {
+        "the path contains a NUL byte"
+    } else {
+        return Ok(());
+    };
+    Err(PoolError::BadPath {
+        path: path.into(),
+        reason,
+        source: io::Error::new(io::ErrorKind::InvalidInput, reason),
+    })
+}
+
 /// An anonymous (memfd) region of `size` bytes.
 pub(crate) fn anonymous(size: usize, opts: &PoolOptions) -> Result<(Region, Plan), PoolError> {
     let path = anonymous_path();
@@ -182,7 +244,7 @@ pub(crate) fn anonymous(size: usize, opts: &PoolOptions) -> Result<(Region, Plan
         offset: 0,
         ..opts.clone()
     };
-    let plan = plan(&path, &opts, size as u64, 1, None)?;
+    let plan = plan(&path, "memory", &opts, size as u64, 1, None)?;
     let map = mem::anonymous(plan.len).map_err(|source| PoolError::Io {
         path: path.clone(),
         op: format!("memfd mapping of {} bytes", plan.len),
@@ -193,7 +255,8 @@ pub(crate) fn anonymous(size: usize, opts: &PoolOptions) -> Result<(Region, Plan
 
 /// Open `path`: device dax, fsdax, or (opt-in) file.
 pub(crate) fn open(path: &Path, opts: &PoolOptions) -> Result<(Region, Plan), PoolError> {
-    check_page_size(opts.page_size)?;
+    check_path(path)?;
+    check_page_size(path, opts.page_size)?;
     imp::open(path, opts)
 }
 
@@ -296,8 +359,28 @@ mod imp {
                 source: io::Error::other("the device changed while it was being opened"),
             });
         }
+        lock(path, &file, opts)?;
         let map = map(path, &file, plan, MapMode::Shared, true)?;
-        Ok((Region::new(map, Backend::DevDax, path.into()), plan))
+        Ok((
+            Region::new(map, Backend::DevDax, path.into()).hold(file),
+            plan,
+        ))
+    }
+
+    /// Take the pool's lock on `file` (see `PoolOptions::lock`).
+    fn lock(path: &Path, file: &File, opts: &PoolOptions) -> Result<(), PoolError> {
+        if !opts.lock {
+            return Ok(());
+        }
+        match mem::try_lock(file.as_fd(), !opts.map_private) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(PoolError::AlreadyOpen { path: path.into() }),
+            Err(source) => Err(PoolError::Io {
+                path: path.into(),
+                op: "flock (PoolOptions::lock(false) opens without the lock)".into(),
+                source,
+            }),
+        }
     }
 
     fn map(
@@ -330,10 +413,21 @@ mod imp {
                 source: io::Error::other("the file changed while it was being opened"),
             });
         }
-        let plan = plan(path, opts, meta.len(), mem::os_page_size() as u64, None)?;
+        let plan = plan(
+            path,
+            "file",
+            opts,
+            meta.len(),
+            mem::os_page_size() as u64,
+            None,
+        )?;
+        lock(path, &file, opts)?;
         if opts.map_private {
             let map = map(path, &file, plan, MapMode::Private, true)?;
-            return Ok((Region::new(map, Backend::FilePrivate, path.into()), plan));
+            return Ok((
+                Region::new(map, Backend::FilePrivate, path.into()).hold(file),
+                plan,
+            ));
         }
         match mem::map_fd(
             file.as_fd(),
@@ -342,7 +436,10 @@ mod imp {
             MapMode::SharedSync,
             true,
         ) {
-            Ok(map) => Ok((Region::new(map, Backend::FsDax, path.into()), plan)),
+            Ok(map) => Ok((
+                Region::new(map, Backend::FsDax, path.into()).hold(file),
+                plan,
+            )),
             // EOPNOTSUPP: not a DAX filesystem. EINVAL: a kernel older than
             // 4.15 that does not know MAP_SHARED_VALIDATE (our numbers were
             // checked above, so they are not the cause).
@@ -357,7 +454,10 @@ mod imp {
                     });
                 }
                 let map = map(path, &file, plan, MapMode::Shared, true)?;
-                Ok((Region::new(map, Backend::File, path.into()), plan))
+                Ok((
+                    Region::new(map, Backend::File, path.into()).hold(file),
+                    plan,
+                ))
             }
             Err(source) => Err(PoolError::Io {
                 path: path.into(),
@@ -394,7 +494,7 @@ mod tests {
         PathBuf::from("/dev/dax0.0")
     }
     const MIB: u64 = 1 << 20;
-    const DEV: u64 = 1_040_187_392; // dax0.0 in the VM (DESIGN §7)
+    const DEV: u64 = 1_040_187_392; // a 1 GiB emulated NVDIMM's devdax namespace
 
     fn devdax(opts: PoolOptions) -> Result<Plan, PoolError> {
         plan_devdax(&p(), &opts, DEV, 2 * MIB)
@@ -452,12 +552,22 @@ mod tests {
         // Fits by size, but not at this offset.
         let e = devdax(PoolOptions::new().size(DEV).offset(2 * MIB)).unwrap_err();
         assert!(matches!(e, PoolError::TooLarge { .. }));
-        // An offset past the end, whole-device default.
+        // An offset past the end, whole-device default: the offset is the
+        // problem, not a size nobody asked for.
         let e = devdax(PoolOptions::new().offset(DEV + 2 * MIB)).unwrap_err();
-        assert!(matches!(e, PoolError::TooLarge { .. }));
+        assert!(matches!(e, PoolError::OffsetPastEnd { what: "device", .. }));
+        assert_eq!(
+            e.to_string(),
+            "/dev/dax0.0: offset 1042284544 is past the end of the device (1040187392 bytes)"
+        );
         // Offset exactly at the end: nothing left.
         let e = devdax(PoolOptions::new().offset(DEV)).unwrap_err();
-        assert!(matches!(e, PoolError::ZeroSize { .. }));
+        assert!(matches!(e, PoolError::TooSmall { .. }));
+        assert_eq!(
+            e.to_string(),
+            "/dev/dax0.0: the device has 0 bytes from offset 1040187392 to its end \
+             (1040187392 in all), less than one page of 4096 bytes"
+        );
         // Overflowing offset + size is an error, not a wrap.
         let e = devdax(PoolOptions::new().size(2 * MIB).offset(u64::MAX - MIB + 1)).unwrap_err();
         assert!(matches!(
@@ -471,12 +581,19 @@ mod tests {
         let e = devdax(PoolOptions::new().page_size(6000)).unwrap_err();
         assert!(matches!(
             e,
-            PoolError::PageSizeNotPowerOfTwo { page_size: 6000 }
+            PoolError::PageSizeNotPowerOfTwo {
+                page_size: 6000,
+                ..
+            }
         ));
+        assert_eq!(
+            e.to_string(),
+            "/dev/dax0.0: page size 6000 is not a power of two"
+        );
         let e = devdax(PoolOptions::new().page_size(0)).unwrap_err();
         assert!(matches!(
             e,
-            PoolError::PageSizeNotPowerOfTwo { page_size: 0 }
+            PoolError::PageSizeNotPowerOfTwo { page_size: 0, .. }
         ));
         let e = devdax(PoolOptions::new().page_size(512)).unwrap_err();
         assert!(matches!(
@@ -485,36 +602,70 @@ mod tests {
         ));
         let e = devdax(PoolOptions::new().page_size(4 << 20).size(2 * MIB)).unwrap_err();
         assert!(matches!(e, PoolError::PageSizeTooLarge { .. }));
-        // A file smaller than one page.
-        let e = plan(&p(), &PoolOptions::new(), 100, 4096, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/dev/dax0.0: page size 4194304 is larger than the pool size 2097152"
+        );
+        // A file smaller than one page: the file is what is too small.
+        let e = plan(&p(), "file", &PoolOptions::new(), 100, 4096, None).unwrap_err();
         assert!(matches!(
             e,
-            PoolError::PageSizeTooLarge { pool_size: 100, .. }
+            PoolError::TooSmall {
+                available: 100,
+                offset: 0,
+                page_size: 4096,
+                ..
+            }
         ));
+        assert_eq!(
+            e.to_string(),
+            "/dev/dax0.0: the file has 100 bytes, less than one page of 4096 bytes"
+        );
     }
 
     #[test]
     fn zero_and_ragged_sizes() {
-        let e = plan(&p(), &PoolOptions::new().size(0), 1 << 20, 4096, None).unwrap_err();
+        let e = plan(
+            &p(),
+            "file",
+            &PoolOptions::new().size(0),
+            1 << 20,
+            4096,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(e, PoolError::ZeroSize { .. }));
-        let e = plan(&p(), &PoolOptions::new(), 0, 4096, None).unwrap_err();
-        assert!(matches!(e, PoolError::ZeroSize { .. }));
-        let e = plan(&p(), &PoolOptions::new().size(6000), 1 << 20, 4096, None).unwrap_err();
+        let e = plan(&p(), "file", &PoolOptions::new(), 0, 4096, None).unwrap_err();
+        assert!(matches!(e, PoolError::TooSmall { available: 0, .. }));
+        assert_eq!(
+            e.to_string(),
+            "/dev/dax0.0: the file has 0 bytes, less than one page of 4096 bytes"
+        );
+        let e = plan(
+            &p(),
+            "file",
+            &PoolOptions::new().size(6000),
+            1 << 20,
+            4096,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(
             e,
             PoolError::SizeNotPageMultiple {
                 size: 6000,
-                page_size: 4096
+                page_size: 4096,
+                ..
             }
         ));
         // Default size rounds a ragged file down to whole pages.
-        let plan = plan(&p(), &PoolOptions::new(), 10_000, 4096, None).unwrap();
+        let plan = plan(&p(), "file", &PoolOptions::new(), 10_000, 4096, None).unwrap();
         assert_eq!((plan.len, plan.pages), (8192, 2));
     }
 
     #[test]
     fn too_many_pages() {
-        let e = plan(&p(), &PoolOptions::new(), u64::MAX, 4096, None).unwrap_err();
+        let e = plan(&p(), "device", &PoolOptions::new(), u64::MAX, 4096, None).unwrap_err();
         assert!(matches!(e, PoolError::TooManyPages { .. }), "{e}");
     }
 }

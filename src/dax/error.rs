@@ -1,7 +1,8 @@
 //! Typed errors of the device page pool.
 
+use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Why opening, allocating from, looking up in, or persisting a
@@ -23,10 +24,25 @@ use thiserror::Error;
 #[non_exhaustive]
 pub enum PoolError {
     /// The path does not exist.
-    #[error("{}: no such file or device", .path.display())]
+    #[error("{}: no such file or device", show(.path))]
     NotFound {
         /// The path given to `open`.
         path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The path itself cannot be used: it is empty, contains a NUL byte,
+    /// is too long, loops through symbolic links, or goes through
+    /// something that is not a directory.
+    #[error("{}: {reason}", show(.path))]
+    BadPath {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// What is wrong with it, e.g. `"too many levels of symbolic
+        /// links"`.
+        reason: &'static str,
         /// The underlying error.
         #[source]
         source: io::Error,
@@ -67,8 +83,17 @@ pub enum PoolError {
         subsystem: String,
     },
 
+    /// Another pool (in this process or another) has the file or device
+    /// open: its lock is held (see
+    /// [`PoolOptions::lock`](crate::PoolOptions::lock)).
+    #[error("{}: already opened by another pool (in this or another process); pools that coordinate themselves can set PoolOptions::lock(false)", .path.display())]
+    AlreadyOpen {
+        /// The path given to `open`.
+        path: PathBuf,
+    },
+
     /// A sysfs attribute of a dax device could not be read.
-    #[error("{}: cannot read {} for this dax device", .path.display(), .attribute.display())]
+    #[error("{}: cannot read {} for this dax device: {source}", .path.display(), .attribute.display())]
     Sysfs {
         /// The device path.
         path: PathBuf,
@@ -115,8 +140,40 @@ pub enum PoolError {
         available: u64,
     },
 
-    /// The pool would have zero bytes (an empty file, a zero size, or an
-    /// offset at the end).
+    /// No size was given and the offset is past the end of the device or
+    /// file.
+    #[error("{}: offset {offset} is past the end of the {what} ({available} bytes)", .path.display())]
+    OffsetPastEnd {
+        /// The path.
+        path: PathBuf,
+        /// `"file"` or `"device"`.
+        what: &'static str,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Size of the device or file in bytes.
+        available: u64,
+    },
+
+    /// No size was given and the device or file has less than one page
+    /// from the offset to its end (an empty file, an offset at the end, or
+    /// a file smaller than the page size).
+    #[error("{}", too_small(.path, .what, *.available, *.offset, *.page_size))]
+    TooSmall {
+        /// The path.
+        path: PathBuf,
+        /// `"file"` or `"device"`.
+        what: &'static str,
+        /// Size of the device or file in bytes.
+        available: u64,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// The page size.
+        page_size: usize,
+    },
+
+    /// An explicit pool size of zero
+    /// ([`PoolOptions::size`](crate::PoolOptions::size)`(0)`, or
+    /// [`DevicePagePool::anonymous`](crate::DevicePagePool::anonymous)`(0)`).
     #[error("{}: the pool size is zero", .path.display())]
     ZeroSize {
         /// The path (or `anonymous`).
@@ -124,24 +181,30 @@ pub enum PoolError {
     },
 
     /// The page size is not a power of two.
-    #[error("page size {page_size} is not a power of two")]
+    #[error("{}: page size {page_size} is not a power of two", .path.display())]
     PageSizeNotPowerOfTwo {
+        /// The path (or `anonymous`).
+        path: PathBuf,
         /// The requested page size.
         page_size: usize,
     },
 
     /// The page size is below the minimum (4096 bytes).
-    #[error("page size {page_size} is smaller than the minimum {min}")]
+    #[error("{}: page size {page_size} is smaller than the minimum {min}", .path.display())]
     PageSizeTooSmall {
+        /// The path (or `anonymous`).
+        path: PathBuf,
         /// The requested page size.
         page_size: usize,
         /// The minimum.
         min: usize,
     },
 
-    /// The page size is larger than the pool.
-    #[error("page size {page_size} is larger than the pool ({pool_size} bytes)")]
+    /// The page size is larger than the pool size that was asked for.
+    #[error("{}: page size {page_size} is larger than the pool size {pool_size}", .path.display())]
     PageSizeTooLarge {
+        /// The path (or `anonymous`).
+        path: PathBuf,
         /// The requested page size.
         page_size: usize,
         /// The pool size in bytes.
@@ -149,8 +212,10 @@ pub enum PoolError {
     },
 
     /// An explicit pool size that is not a whole number of pages.
-    #[error("pool size {size} is not a multiple of the page size {page_size}")]
+    #[error("{}: pool size {size} is not a multiple of the page size {page_size}", .path.display())]
     SizeNotPageMultiple {
+        /// The path (or `anonymous`).
+        path: PathBuf,
         /// The requested size.
         size: u64,
         /// The page size.
@@ -159,8 +224,10 @@ pub enum PoolError {
 
     /// More pages than a page index (`u32`) can number, or a size that
     /// does not fit in this machine's address space.
-    #[error("a pool of {size} bytes in pages of {page_size} bytes is too large to map or index")]
+    #[error("{}: a pool of {size} bytes in pages of {page_size} bytes is too large to map or index", .path.display())]
     TooManyPages {
+        /// The path (or `anonymous`).
+        path: PathBuf,
         /// The pool size in bytes.
         size: u64,
         /// The page size.
@@ -182,7 +249,7 @@ pub enum PoolError {
     },
 
     /// Another I/O operation failed (`open`, `stat`, `mmap`, ...).
-    #[error("{}: {op} failed", .path.display())]
+    #[error("{}: {op} failed: {source}", show(.path))]
     Io {
         /// The path (or `anonymous`).
         path: PathBuf,
@@ -208,6 +275,21 @@ pub enum PoolError {
     ShuttingDown {
         /// The pool's path (or `anonymous`).
         path: PathBuf,
+    },
+
+    /// The pool was opened by another process, which then called `fork()`:
+    /// a child's copy of a pool does not have the parent's memory (file and
+    /// device pools are not mapped in the child, anonymous pools are
+    /// zero-filled there), so it cannot allocate, look up, read or persist.
+    /// See [`DevicePagePool`](crate::DevicePagePool)'s section on `fork()`.
+    #[error("pool {} was opened by process {parent}; process {child}, a fork() child, cannot use it", .path.display())]
+    Forked {
+        /// The pool's path (or `anonymous`).
+        path: PathBuf,
+        /// The process that opened the pool.
+        parent: u32,
+        /// This process.
+        child: u32,
     },
 
     /// Every page is allocated.
@@ -243,6 +325,23 @@ pub enum PoolError {
         index: usize,
     },
 
+    /// An optimistic read ([`DevicePagePool::read`](crate::DevicePagePool::read))
+    /// overlapped a writer, a free or a reallocation of the page: its
+    /// result was dropped. Retry.
+    #[error("page {index} was written, freed or reallocated during an optimistic read; retry")]
+    PageChanged {
+        /// The page index.
+        index: usize,
+    },
+
+    /// An optimistic read of a pool opened without
+    /// [`PoolOptions::optimistic_reads`](crate::PoolOptions::optimistic_reads).
+    #[error("pool {}: optimistic reads need PoolOptions::optimistic_reads(true) (its pages may be written through &mut [u8])", .path.display())]
+    OptimisticReadsDisabled {
+        /// The pool's path (or `anonymous`).
+        path: PathBuf,
+    },
+
     /// A persist range reaches outside the page or pool.
     #[error("persist range {start}..{end} is outside 0..{len}")]
     OutOfRange {
@@ -267,6 +366,37 @@ pub enum PoolError {
         #[source]
         source: io::Error,
     },
+}
+
+/// A path in a message: as written, or quoted and escaped if it is empty
+/// or holds control characters (a NUL byte), so the message shows it.
+fn show(path: &Path) -> impl fmt::Display + '_ {
+    struct Show<'a>(&'a Path);
+    impl fmt::Display for Show<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let s = self.0.as_os_str();
+            let plain = !s.is_empty() && !s.as_encoded_bytes().iter().any(u8::is_ascii_control);
+            if plain {
+                write!(f, "{}", self.0.display())
+            } else {
+                write!(f, "{:?}", self.0)
+            }
+        }
+    }
+    Show(path)
+}
+
+fn too_small(path: &Path, what: &str, available: u64, offset: u64, page_size: usize) -> String {
+    let path = path.display();
+    let rest = available.saturating_sub(offset);
+    if offset == 0 {
+        format!("{path}: the {what} has {available} bytes, less than one page of {page_size} bytes")
+    } else {
+        format!(
+            "{path}: the {what} has {rest} bytes from offset {offset} to its end \
+             ({available} in all), less than one page of {page_size} bytes"
+        )
+    }
 }
 
 /// [`ShutdownHandle::wait_timeout`](crate::ShutdownHandle::wait_timeout)

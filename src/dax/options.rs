@@ -17,7 +17,9 @@ pub const MIN_PAGE_SIZE: usize = 4096;
 ///     .page_size(2 << 20) // 2 MiB pages
 ///     .size(1 << 30) // only the first GiB...
 ///     .offset(0) // ...from the start
-///     .allow_file_fallback(true); // msync if the file is not on DAX
+///     .allow_file_fallback(true) // msync if the file is not on DAX
+///     .optimistic_reads(true) // DevicePagePool::read; pages written by DevicePage::writer
+///     .lock(true); // the default: no second pool over the same file
 /// assert_eq!(opts.get_page_size(), 2 << 20);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub struct PoolOptions {
     pub(crate) offset: u64,
     pub(crate) allow_file_fallback: bool,
     pub(crate) map_private: bool,
+    pub(crate) optimistic_reads: bool,
+    pub(crate) lock: bool,
 }
 
 impl Default for PoolOptions {
@@ -37,6 +41,8 @@ impl Default for PoolOptions {
             offset: 0,
             allow_file_fallback: false,
             map_private: false,
+            optimistic_reads: false,
+            lock: true,
         }
     }
 }
@@ -87,6 +93,39 @@ impl PoolOptions {
     /// The file is then opened read-only.
     pub fn map_private(mut self, private: bool) -> Self {
         self.map_private = private;
+        self
+    }
+
+    /// Allow optimistic reads ([`DevicePagePool::read`](crate::DevicePagePool::read)):
+    /// any thread may then read any page at any time without a page
+    /// reference, validating a per-page version afterwards. For that to be
+    /// sound, pages are written only through
+    /// [`DevicePage::writer`](crate::DevicePage::writer) (atomic stores) and
+    /// [`DevicePage::as_mut_slice`](crate::DevicePage::as_mut_slice) always
+    /// returns `None`. Default `false`.
+    pub fn optimistic_reads(mut self, allow: bool) -> Self {
+        self.optimistic_reads = allow;
+        self
+    }
+
+    /// Lock the file or device for the pool's life (default `true`): an
+    /// advisory `flock`, exclusive — or shared with
+    /// [`map_private`](Self::map_private), so that private pools of one
+    /// file can coexist but not with a shared one. A second
+    /// [`DevicePagePool::open`](crate::DevicePagePool::open) of the same
+    /// file, in this process or another, then fails with
+    /// [`PoolError::AlreadyOpen`](crate::PoolError::AlreadyOpen) instead of
+    /// handing out the same bytes as another pool's pages. The lock is
+    /// released when the pool's memory is unmapped (its shutdown completed).
+    ///
+    /// `false` takes no lock, for users who coordinate the openers
+    /// themselves (e.g. disjoint [`offset`](Self::offset) ranges of one
+    /// device). Two pools over the same bytes are then the caller's to keep
+    /// apart. The lock is advisory and per file: another path to the same
+    /// device node (a symbolic link) is the same file, but a second device
+    /// node for the same device (`mknod`) is not.
+    pub fn lock(mut self, lock: bool) -> Self {
+        self.lock = lock;
         self
     }
 

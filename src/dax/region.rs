@@ -2,14 +2,16 @@
 
 use super::error::PoolError;
 use super::options::{Backend, PersistMethod};
-use crate::sync::{AtomicBool, Ordering::*};
-use crate::sys::mem::{self, FlushInsn, RawMap};
+use crate::sync::{lock, AtomicBool, Mutex, Ordering::*};
+use crate::sys::mem::{self, FlushInsn, OnFork, RawMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 /// The pool's memory. It is the value of the pool's `PercpuRef`, whose
 /// release unmaps it; `Drop` unmaps it too if that never happened (a pool
-/// that failed half-way through construction).
+/// that failed half-way through construction). The file or device it maps,
+/// if any, stays open (holding its `flock`) until the unmap.
 #[derive(Debug)]
 pub(crate) struct Region {
     map: RawMap,
@@ -18,6 +20,13 @@ pub(crate) struct Region {
     flush: Option<(FlushInsn, usize)>,
     path: PathBuf,
     mapped: AtomicBool,
+    /// The open file whose advisory lock marks the file as in use by this
+    /// pool (`PoolOptions::lock`); closed right after the unmap.
+    file: Mutex<Option<File>>,
+    /// `mem::forks()` and the process id when it was mapped: a different
+    /// count later means this is a `fork()` child's copy.
+    forks: u32,
+    pid: u32,
 }
 
 impl Region {
@@ -40,7 +49,42 @@ impl Region {
             flush,
             path,
             mapped: AtomicBool::new(true),
+            file: Mutex::new(None),
+            forks: mem::watch_forks(),
+            pid: std::process::id(),
         }
+    }
+
+    /// Is this a copy in a child created by `fork()` after the mapping?
+    /// Then the memory is not the pool's: absent (file and device
+    /// backends) or zero-filled (anonymous) in this process.
+    #[inline]
+    pub(crate) fn forked(&self) -> bool {
+        mem::forks() != self.forks
+    }
+
+    /// `Err(Forked)` in a `fork()` child (see [`forked`](Self::forked)).
+    #[inline]
+    pub(crate) fn check_fork(&self) -> Result<(), PoolError> {
+        if self.forked() {
+            return Err(self.forked_error());
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn forked_error(&self) -> PoolError {
+        PoolError::Forked {
+            path: self.path.clone(),
+            parent: self.pid,
+            child: std::process::id(),
+        }
+    }
+
+    /// Keep `file` open until the unmap (it holds the pool's lock).
+    pub(crate) fn hold(self, file: File) -> Self {
+        *lock(&self.file) = Some(file);
+        self
     }
 
     pub(crate) fn base(&self) -> NonNull<u8> {
@@ -72,6 +116,8 @@ impl Region {
     /// release, before unmapping), and `offset + len <= self.len()`.
     pub(crate) unsafe fn persist(&self, offset: usize, len: usize) -> Result<(), PoolError> {
         debug_assert!(offset.checked_add(len).is_some_and(|e| e <= self.len()));
+        // In a fork child the memory may be absent: never touch it.
+        self.check_fork()?;
         if len == 0 {
             return Ok(());
         }
@@ -120,11 +166,28 @@ impl Region {
         if !self.mapped.swap(false, SeqCst) {
             return false;
         }
-        // SAFETY: claimed above, so this is the only unmap; no reference
-        // is used afterwards (caller).
-        // An munmap error (EINVAL on a bad range) cannot happen for a range
-        // mmap returned; nothing to do with it but ignore it.
-        let _ = unsafe { self.map.unmap() };
+        // In a fork child whose copy of the mapping is absent, the range is
+        // not ours to unmap: the child may have mapped something else there.
+        if !(self.forked() && self.map.on_fork() == OnFork::Absent) {
+            // SAFETY: claimed above, so this is the only unmap; no
+            // reference is used afterwards (caller).
+            // An munmap error (EINVAL on a bad range) cannot happen for a
+            // range mmap returned; nothing to do with it but ignore it.
+            let _ = unsafe { self.map.unmap() };
+        }
+        // Drop the pool's lock: another pool may map the file now. An
+        // explicit unlock, because a `fork()` child may hold a copy of the
+        // descriptor (closing ours would then not release the lock) —
+        // except in such a child, whose unlock would release its parent's.
+        let file = lock(&self.file).take();
+        #[cfg(percpu_ref_linux)]
+        if let Some(f) = &file {
+            if !self.forked() {
+                // An error (EINTR, ENOLCK) leaves the lock to the close.
+                let _ = mem::unlock(std::os::fd::AsFd::as_fd(f));
+            }
+        }
+        drop(file);
         true
     }
 }

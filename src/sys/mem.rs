@@ -1,5 +1,7 @@
-//! Memory for the device page pool: mappings (`mmap`/`munmap`), `memfd`,
-//! `msync`, sysfs probing of character devices, and cache-line write-back
+//! Memory for the device page pool: mappings (`mmap`/`munmap`), what a
+//! `fork()` child gets of them (`madvise`), fork detection
+//! (`pthread_atfork`), advisory file locks (`flock`), `msync`, sysfs
+//! probing of character devices, and cache-line write-back
 //! (`clwb`/`clflushopt`/`clflush` + `sfence`, picked at runtime by CPUID).
 //!
 //! Two tiers:
@@ -10,11 +12,12 @@
 //!   sysfs and `msync` report [`io::ErrorKind::Unsupported`]; there is no
 //!   flush instruction. Everything above this module works unchanged on it.
 //!
-//! Facts about real `/dev/dax` devices (DESIGN.md §7) that the callers rely
-//! on: size and alignment come only from sysfs (`fstat` says 0); mapping
-//! past the end succeeds and faults later with SIGBUS (so callers
-//! bound-check first); `MAP_FIXED` is never used here (with an unaligned
-//! offset it silently maps offset 0); `msync` is EINVAL there.
+//! Facts about real `/dev/dax` devices (seen on an emulated NVDIMM, and
+//! checked by `tests/devdax.rs`) that the callers rely on: size and
+//! alignment come only from sysfs (`fstat` says 0); mapping past the end
+//! succeeds and faults later with SIGBUS (so callers bound-check first);
+//! `MAP_FIXED` is never used here (with an unaligned offset it silently
+//! maps offset 0); `msync` is EINVAL there.
 
 // The portable tier (other systems, Miri) uses only part of this module.
 #![cfg_attr(not(percpu_ref_linux), allow(dead_code))]
@@ -57,6 +60,20 @@ pub(crate) enum MapMode {
     Private,
 }
 
+/// What a child created by `fork()` gets of a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnFork {
+    /// A private, zero-filled copy (`MADV_WIPEONFORK`): nothing of the
+    /// parent's pages.
+    Wiped,
+    /// Nothing: the range is not mapped in the child (`MADV_DONTFORK`), so
+    /// the child must not unmap it either (it may hold something else).
+    Absent,
+    /// The mapping, as `fork()` copies any mapping (the kernel refused the
+    /// advice, or there is no `fork()`).
+    Inherited,
+}
+
 /// A mapping (or, on the portable tier, a heap block) of `len` bytes at
 /// `ptr`. It is *not* unmapped on drop: the owner calls [`RawMap::unmap`]
 /// exactly once, when nothing points into it any more.
@@ -65,6 +82,7 @@ pub(crate) struct RawMap {
     ptr: NonNull<u8>,
     len: usize,
     heap: bool,
+    on_fork: OnFork,
 }
 
 // SAFETY: a RawMap is an address range of plain memory, not tied to the
@@ -82,6 +100,11 @@ impl RawMap {
     /// Length in bytes.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// What a `fork()` child gets of it.
+    pub(crate) fn on_fork(&self) -> OnFork {
+        self.on_fork
     }
 
     /// Unmap (or free) the memory.
@@ -126,6 +149,7 @@ fn heap_zeroed(len: usize) -> io::Result<RawMap> {
             ptr,
             len,
             heap: true,
+            on_fork: OnFork::Inherited,
         }),
         None => Err(io::Error::from(io::ErrorKind::OutOfMemory)),
     }
@@ -142,16 +166,42 @@ unsafe fn heap_free(ptr: NonNull<u8>, len: usize) {
     }
 }
 
-/// `len` bytes of zeroed shared memory: a `memfd` mapped `MAP_SHARED` on
-/// Linux (the fd is closed right away; the mapping keeps the memory), a
-/// heap block on the portable tier.
+/// `len` bytes of zeroed memory: a private anonymous mapping on Linux,
+/// which a `fork()` child gets zero-filled (`MADV_WIPEONFORK`; not at all,
+/// `MADV_DONTFORK`, on kernels before 4.14), so parent and child never
+/// share its pages; a heap block on the portable tier.
 pub(crate) fn anonymous(len: usize) -> io::Result<RawMap> {
     #[cfg(percpu_ref_linux)]
     {
-        use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
-        let fd = memfd_create("percpu-ref-pool", MemfdFlags::CLOEXEC)?;
-        ftruncate(&fd, len as u64)?;
-        map_fd(std::os::fd::AsFd::as_fd(&fd), len, 0, MapMode::Shared, true)
+        use rustix::mm::{madvise, mmap_anonymous, Advice, MapFlags, ProtFlags};
+        // SAFETY: a null hint without MAP_FIXED lets the kernel pick a fresh
+        // range, so no existing memory is replaced; the result is owned by
+        // the returned RawMap.
+        let ptr = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }?;
+        // SAFETY: advice on the mapping just made, which nothing uses yet;
+        // neither changes its contents in this process.
+        let on_fork = if unsafe { madvise(ptr, len, Advice::LinuxWipeOnFork) }.is_ok() {
+            OnFork::Wiped
+        } else if unsafe { madvise(ptr, len, Advice::LinuxDontFork) }.is_ok() {
+            OnFork::Absent
+        } else {
+            OnFork::Inherited
+        };
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(RawMap {
+            ptr,
+            len,
+            heap: false,
+            on_fork,
+        })
     }
     #[cfg(not(percpu_ref_linux))]
     {
@@ -185,13 +235,100 @@ pub(crate) fn map_fd(
     // range, so no existing memory is replaced; the result is owned by the
     // returned RawMap.
     let ptr = unsafe { mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) }?;
+    // A `fork()` child does not get the mapping: otherwise its copy of the
+    // pool would hand out the parent's pages a second time.
+    // SAFETY: advice on the mapping just made, which nothing uses yet; it
+    // changes nothing in this process.
+    let on_fork = match unsafe { rustix::mm::madvise(ptr, len, rustix::mm::Advice::LinuxDontFork) }
+    {
+        Ok(()) => OnFork::Absent,
+        Err(_) => OnFork::Inherited,
+    };
     let ptr = NonNull::new(ptr.cast::<u8>())
         .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
     Ok(RawMap {
         ptr,
         len,
         heap: false,
+        on_fork,
     })
+}
+
+#[cfg(percpu_ref_linux)]
+static FORKS: crate::sync::AtomicU32 = crate::sync::AtomicU32::new(0);
+
+/// Start counting `fork()`s (see [`forks`]): registers a `pthread_atfork`
+/// child handler, once per process. Call it before any fork that matters
+/// (when a pool is created); returns [`forks`].
+pub(crate) fn watch_forks() -> u32 {
+    #[cfg(percpu_ref_linux)]
+    {
+        use crate::sync::Ordering::Relaxed;
+        use std::sync::Once;
+
+        static WATCH: Once = Once::new();
+
+        extern "C" fn child() {
+            // Relaxed: the child is single-threaded when the handler runs,
+            // and reads the count on this same thread (or on threads it
+            // creates later, which the thread creation orders).
+            FORKS.fetch_add(1, Relaxed);
+        }
+
+        WATCH.call_once(|| {
+            // SAFETY: registers a handler that only does an atomic add,
+            // which is async-signal-safe as a fork child handler must be.
+            // A registration failure (ENOMEM) leaves forks unseen, as
+            // documented for handler-less forks.
+            let _ = unsafe { libc::pthread_atfork(None, None, Some(child)) };
+        });
+    }
+    forks()
+}
+
+/// How many `fork()`s led to this process since [`watch_forks`] was first
+/// called: an object that recorded a different number was created by an
+/// ancestor, before a `fork()`. Forks that skip the handlers (a raw
+/// `clone` system call) are not seen.
+#[inline]
+pub(crate) fn forks() -> u32 {
+    #[cfg(percpu_ref_linux)]
+    {
+        // Relaxed: see `watch_forks`'s handler.
+        FORKS.load(crate::sync::Ordering::Relaxed)
+    }
+    #[cfg(not(percpu_ref_linux))]
+    {
+        0
+    }
+}
+
+/// Take a non-blocking advisory lock (`flock`) on `fd`'s open file:
+/// exclusive, or shared. `Ok(false)` if another open file holds a
+/// conflicting lock (in this process or another). The lock lasts until
+/// every descriptor of this open file is closed.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn try_lock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<bool> {
+    use rustix::fs::{flock, FlockOperation};
+    let op = if exclusive {
+        FlockOperation::NonBlockingLockExclusive
+    } else {
+        FlockOperation::NonBlockingLockShared
+    };
+    match flock(fd, op) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Release the advisory lock of `fd`'s open file (taken by [`try_lock`]),
+/// also for every other descriptor of that open file — such as the copies
+/// a `fork()` child inherited, which would otherwise keep it locked until
+/// they are closed.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn unlock(fd: BorrowedFd<'_>) -> io::Result<()> {
+    rustix::fs::flock(fd, rustix::fs::FlockOperation::Unlock).map_err(io::Error::from)
 }
 
 /// `msync(MS_SYNC)` of the OS pages covering `ptr..ptr+len`.
@@ -430,6 +567,30 @@ mod tests {
             assert_eq!(s[0] + s[m.len() - 1], 16);
             m.unmap().unwrap();
         }
+    }
+
+    #[cfg(percpu_ref_linux)]
+    #[test]
+    fn fork_children_get_none_of_the_mappings() {
+        let m = anonymous(os_page_size()).unwrap();
+        // This kernel has MADV_WIPEONFORK (4.14+); older ones give Absent.
+        assert_eq!(m.on_fork(), OnFork::Wiped);
+        // SAFETY: unmapped once, not used afterwards.
+        unsafe { m.unmap().unwrap() };
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        let m = map_fd(
+            std::os::fd::AsFd::as_fd(&f),
+            os_page_size(),
+            0,
+            MapMode::Private,
+            false,
+        )
+        .unwrap();
+        assert_eq!(m.on_fork(), OnFork::Absent);
+        // SAFETY: as above.
+        unsafe { m.unmap().unwrap() };
+        // The count only changes in a child.
+        assert_eq!(watch_forks(), forks());
     }
 
     #[test]
