@@ -55,15 +55,20 @@ pub(crate) fn current() -> usize {
         let cpu = unsafe { libc::sched_getcpu() };
         usize::try_from(cpu).unwrap_or(0) % n
     }
-    #[cfg(not(percpu_ref_linux))]
+    #[cfg(not(any(percpu_ref_linux, percpu_ref_model)))]
     {
         thread_index() % possible()
+    }
+    // Under a model the slots pick their "CPU" with `sync::model_cpu`.
+    #[cfg(percpu_ref_model)]
+    {
+        crate::sync::model_cpu() % possible()
     }
 }
 
 /// A small per-thread number, handed out round-robin: the fallback where the
-/// CPU id cannot be read.
-#[cfg(not(percpu_ref_linux))]
+/// CPU id cannot be read (a real std atomic: never under a model).
+#[cfg(not(any(percpu_ref_linux, percpu_ref_model)))]
 fn thread_index() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
