@@ -158,9 +158,17 @@
 //! are architecture-independent.
 
 #[cfg(percpu_ref_rseq)]
+mod glibc;
+
+#[cfg(all(percpu_ref_rseq, target_arch = "x86_64"))]
 mod x86_64;
-#[cfg(percpu_ref_rseq)]
+#[cfg(all(percpu_ref_rseq, target_arch = "x86_64"))]
 use self::x86_64 as imp;
+
+#[cfg(all(percpu_ref_rseq, target_arch = "aarch64"))]
+mod aarch64;
+#[cfg(all(percpu_ref_rseq, target_arch = "aarch64"))]
+use self::aarch64 as imp;
 
 #[cfg_attr(percpu_ref_rseq, allow(dead_code))]
 mod fallback;
