@@ -63,9 +63,12 @@
 # KVM, 2 cores, no usable /dev/kvm), QEMU 10.0.2 from bookworm-backports,
 # guest kernel linux-image-6.1.0-57-arm64 (6.1.192-3), glibc 2.36:
 #   - The guest reaches its command 2-4 s after QEMU starts (4 vCPUs,
-#     modules and 9p included); a whole --probe run takes 4-7 s and the
-#     lib, percpu, page and pool test binaries 12-37 s, depending on the
-#     load other builds put on the host.
+#     modules and 9p included; about 20 s with --one-insn-per-tb); a whole
+#     --probe run takes 4-7 s.  On the crate's rseq tier the lib, percpu,
+#     lifecycle, page, pool, pagecache and tier test binaries take 85-130 s
+#     (a membarrier waits for 4 vCPUs sharing 2 host cores), on the
+#     portable tier 25-35 s, depending on the load other builds put on the
+#     host.
 #   - The Debian arm64 vmlinuz is a raw, uncompressed Image (33 MB): QEMU
 #     boots it directly; there is nothing to extract (unlike the x86
 #     bzImage).  virtio and the PL011 console are built in; virtio_mmio,
