@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `percpu_ref_model` | a model checker drives the crate (`--cfg percpu_ref_loom` or `--cfg percpu_ref_shuttle`): no syscalls, no asm, the `sync` shim's model types |
 //! | `percpu_ref_linux` | Linux, not Miri, not a model checker: syscalls and sysfs are available |
-//! | `percpu_ref_rseq` | `percpu_ref_linux` with glibc on x86_64: the rseq tier is compiled in (chosen at run time) |
+//! | `percpu_ref_rseq` | `percpu_ref_linux` with glibc on x86_64 or aarch64: the rseq tier is compiled in (chosen at run time) |
 
 use std::env;
 
@@ -20,7 +20,9 @@ fn main() {
 
     let model = has("percpu_ref_loom") || has("percpu_ref_shuttle");
     let linux = var("target_os") == "linux" && !has("miri") && !model;
-    let rseq = linux && var("target_env") == "gnu" && var("target_arch") == "x86_64";
+    let rseq = linux
+        && var("target_env") == "gnu"
+        && matches!(var("target_arch").as_str(), "x86_64" | "aarch64");
 
     if model {
         println!("cargo::rustc-cfg=percpu_ref_model");

@@ -10,7 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use percpu_ref::__bench;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use std::time::{Duration, Instant};
 
 fn cpu_id(c: &mut Criterion) {
@@ -41,6 +41,7 @@ fn cpu_id(c: &mut Criterion) {
 #[cfg(target_arch = "x86_64")]
 fn commit_form(c: &mut Criterion) {
     use std::arch::asm;
+    use std::sync::atomic::AtomicI64;
     let mut g = c.benchmark_group("commit_form_pair");
     let slot = AtomicI64::new(0);
     let p = black_box(slot.as_ptr());

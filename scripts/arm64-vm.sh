@@ -15,6 +15,10 @@
 #                      the guest (rseq registered by glibc, cpu_id agrees with
 #                      sched_getcpu, migration, membarrier RSEQ, CPU count),
 #                      then once more with glibc's rseq turned off
+#   --one-insn-per-tb  translate one guest instruction per block, so the
+#                      guest takes interrupts (preemption, IPIs) between
+#                      any two instructions, not only at block ends (see
+#                      below); several times slower
 #   --timeout SECS     wall-clock limit for the guest (default 600)
 #   --env NAME=VALUE   set a variable for the programs (repeatable); --env
 #                      NAME passes the host's value through
@@ -59,9 +63,12 @@
 # KVM, 2 cores, no usable /dev/kvm), QEMU 10.0.2 from bookworm-backports,
 # guest kernel linux-image-6.1.0-57-arm64 (6.1.192-3), glibc 2.36:
 #   - The guest reaches its command 2-4 s after QEMU starts (4 vCPUs,
-#     modules and 9p included); a whole --probe run takes 4-7 s and the
-#     lib, percpu, page and pool test binaries 12-37 s, depending on the
-#     load other builds put on the host.
+#     modules and 9p included; about 20 s with --one-insn-per-tb); a whole
+#     --probe run takes 4-7 s.  On the crate's rseq tier the lib, percpu,
+#     lifecycle, page, pool, pagecache and tier test binaries take 85-130 s
+#     (a membarrier waits for 4 vCPUs sharing 2 host cores), on the
+#     portable tier 25-35 s, depending on the load other builds put on the
+#     host.
 #   - The Debian arm64 vmlinuz is a raw, uncompressed Image (33 MB): QEMU
 #     boots it directly; there is nothing to extract (unlike the x86
 #     bzImage).  virtio and the PL011 console are built in; virtio_mmio,
@@ -81,6 +88,15 @@
 #     REGISTER and succeeds after it (all CPUs, and one CPU with
 #     MEMBARRIER_CMD_FLAG_CPU).  With GLIBC_TUNABLES=glibc.pthread.rseq=0,
 #     __rseq_size is 0.
+#   - TCG takes asynchronous interrupts only between translation blocks,
+#     which end at branches: by default an interrupt never lands between
+#     two instructions of one straight-line stretch, e.g. between an rseq
+#     commit and an instruction wrongly left after it inside the range (a
+#     mutant that KVM-on-x86 catches passes here).  --one-insn-per-tb
+#     (QEMU's one-insn-per-tb=on) makes every instruction a block, so every
+#     instruction boundary is an interrupt point; with it that mutant
+#     fails.  Synchronous faults (a page fault on a load or store) are
+#     precise in both modes.
 #   - What this guest cannot show: TCG on an x86_64 host runs the guest's
 #     loads and stores as host loads and stores, which the host orders as
 #     TSO, so none of the reorderings arm64 hardware allows happen here.
@@ -110,6 +126,7 @@ source "$(dirname "$VM_SCRIPT")/vm-lib.sh"
 
 TIMEOUT=600
 SMP=4
+ONE_INSN_PER_TB=0
 PROBE=0
 CARGO_TEST=0
 CARGO_ARGS=()
@@ -119,6 +136,10 @@ vm_script_option() {
     case "$1" in
         --probe)
             PROBE=1
+            VM_SHIFT=1
+            ;;
+        --one-insn-per-tb)
+            ONE_INSN_PER_TB=1
             VM_SHIFT=1
             ;;
         --cargo-test)
@@ -448,15 +469,23 @@ job() {
     echo 'exit "$rc"'
 } >"$RUN_DIR/out/run.sh"
 
+ACCEL=tcg,thread=multi
+if ((ONE_INSN_PER_TB)); then
+    ACCEL+=,one-insn-per-tb=on
+fi
 # shellcheck disable=SC2054  # the commas are QEMU option syntax
 QEMU_ARGS=(
     # No usable KVM (and an x86 host): TCG, multi-threaded, one host thread
     # per vCPU.  -cpu max: every feature QEMU emulates (LSE atomics among
     # them).
-    -accel tcg,thread=multi -machine virt -cpu max -smp "$SMP"
+    -accel "$ACCEL" -machine virt -cpu max -smp "$SMP"
     -m 2G
     -kernel "$KDIR/kernel"
     -initrd "$INITRAMFS"
     -append "console=ttyAMA0 quiet loglevel=4 panic=-1"
 )
-vm_run_qemu "$KVER arm64" qemu-system-aarch64 "${QEMU_ARGS[@]}"
+VM_LABEL="$KVER arm64"
+if ((ONE_INSN_PER_TB)); then
+    VM_LABEL+=", one insn per TB"
+fi
+vm_run_qemu "$VM_LABEL" qemu-system-aarch64 "${QEMU_ARGS[@]}"

@@ -121,10 +121,10 @@ pub use percpu::{
     Underflow,
 };
 
-/// Set up the fast tier early: on Linux x86_64 this registers the process
-/// for `membarrier(PRIVATE_EXPEDITED_RSEQ)`, which takes microseconds
-/// before threads exist and ~20 ms after. Optional (the first `PercpuRef`
-/// does it otherwise); returns which tier new refs will use.
+/// Set up the fast tier early: on Linux x86_64 and aarch64 this registers
+/// the process for `membarrier(PRIVATE_EXPEDITED_RSEQ)`, which takes
+/// microseconds before threads exist and ~20 ms after. Optional (the first
+/// `PercpuRef` does it otherwise); returns which tier new refs will use.
 ///
 /// ```
 /// let tier = percpu_ref::init();

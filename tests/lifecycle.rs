@@ -19,6 +19,19 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// [`LIMIT`] times `PERCPU_REF_TEST_TIME_SCALE` (a whole number, default
+/// 1), for slow machines: in the emulated arm64 guest a `membarrier` waits
+/// for 4 vCPUs that share 2 host cores, and the kill-heavy loops here take
+/// most of 20 s without hanging.
+fn limit() -> Duration {
+    let scale = std::env::var("PERCPU_REF_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(1);
+    LIMIT * scale
+}
+
 fn rounds(n: usize) -> usize {
     if cfg!(miri) {
         3
@@ -27,15 +40,15 @@ fn rounds(n: usize) -> usize {
     }
 }
 
-/// Run `f` on its own thread; fail if it has not returned within `limit`
-/// (a hang), and re-raise its panic.
+/// Run `f` on its own thread; fail if it has not returned within
+/// [`limit`] (a hang), and re-raise its panic.
 fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
     let h = thread::spawn(f);
-    let start = Instant::now();
+    let (start, limit) = (Instant::now(), limit());
     while !h.is_finished() {
         assert!(
-            start.elapsed() < LIMIT,
-            "{what}: still running after {LIMIT:?} (hang)"
+            start.elapsed() < limit,
+            "{what}: still running after {limit:?} (hang)"
         );
         thread::sleep(Duration::from_millis(1));
     }

@@ -187,6 +187,12 @@ pub enum PersistMethod {
     Clflushopt,
     /// `clflush` per cache line, then `sfence` (oldest, slowest).
     Clflush,
+    /// aarch64: `dc cvap` (clean to the point of persistence) per cache
+    /// line, then `dsb sy`.
+    DcCvap,
+    /// aarch64 without `dc cvap`: `dc cvac` (clean to the point of
+    /// coherency) per cache line, then `dsb sy`.
+    DcCvac,
     /// `msync(MS_SYNC)` of the covering OS pages.
     Msync,
     /// Nothing to do (anonymous or private memory is not durable).

@@ -37,6 +37,8 @@ impl Region {
                 Some((FlushInsn::Clwb, _)) => PersistMethod::Clwb,
                 Some((FlushInsn::Clflushopt, _)) => PersistMethod::Clflushopt,
                 Some((FlushInsn::Clflush, _)) => PersistMethod::Clflush,
+                Some((FlushInsn::DcCvap, _)) => PersistMethod::DcCvap,
+                Some((FlushInsn::DcCvac, _)) => PersistMethod::DcCvac,
                 None => PersistMethod::Unavailable,
             },
             Backend::File => PersistMethod::Msync,
@@ -132,11 +134,15 @@ impl Region {
                 std::io::ErrorKind::Unsupported,
                 "no cache-line write-back instruction on this CPU, and msync is invalid on DAX",
             )),
-            PersistMethod::Clwb | PersistMethod::Clflushopt | PersistMethod::Clflush => {
+            PersistMethod::Clwb
+            | PersistMethod::Clflushopt
+            | PersistMethod::Clflush
+            | PersistMethod::DcCvap
+            | PersistMethod::DcCvac => {
                 match self.flush {
                     Some((insn, line)) => {
                         // SAFETY: the range is inside the live mapping
-                        // (caller); `insn`/`line` come from CPUID detection.
+                        // (caller); `insn`/`line` come from `flush_insn`.
                         unsafe { mem::flush_range(ptr, len, insn, line) };
                         Ok(())
                     }

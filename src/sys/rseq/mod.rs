@@ -7,29 +7,54 @@
 //!
 //! glibc ≥ 2.35 registers an rseq area (`struct rseq`, Linux UAPI) for every
 //! thread it creates and exports where it lives: `__rseq_offset` (from the
-//! thread pointer) and `__rseq_size` (0 when it did not register, e.g. under
+//! thread pointer: +2336 on x86_64, -32 on aarch64 with glibc 2.36) and
+//! `__rseq_size` (0 when it did not register, e.g. under
 //! `GLIBC_TUNABLES=glibc.pthread.rseq=0`; 20 on glibc 2.36). We look both
 //! up with `dlsym` at run time, so the binary still links, and falls back,
-//! on an older glibc or another libc. Only the original 20-byte ABI is used:
-//! `cpu_id` (u32 at offset 4) and `rseq_cs` (u64 at offset 8).
+//! on an older glibc or another libc (and in a static binary, where `dlsym`
+//! finds nothing). Only the original 20-byte ABI is used: `cpu_id` (u32 at
+//! offset 4) and `rseq_cs` (u64 at offset 8).
 //!
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | the interface every architecture implements, this argument |
-//! | `x86_64.rs` | the sequences in asm, the area offset, tier choice |
+//! | `glibc.rs` | the area lookup, the tier choice, the fence: shared by the architectures |
+//! | `x86_64.rs`, `aarch64.rs` | the sequences in asm, the CPU-id read |
 //! | `fallback.rs` | everywhere else, Miri and the model checkers: nothing is added, every sequence refuses |
 //! | `stack.rs` | [`CpuStacks`]: per-CPU stacks of `u32` on the sequences |
 //! | `bench.rs` | hooks for `benches/` (through `percpu_ref::__bench`) |
 //! | `tests.rs` | chaos tests of every sequence, and the mutant record |
 //!
 //! The rseq tier is compiled where `build.rs` sets `percpu_ref_rseq`
-//! (x86_64 Linux with glibc); everywhere else [`rseq_available`] is `false`,
-//! [`current_cpu`] is `None`, [`fence_all_cpus`] is a `SeqCst` fence, and
-//! [`add_imm`]/[`add`] add nothing and return `false`. Setting the
-//! environment variable `PERCPU_REF_PORTABLE=1` (also `true`, `yes`, `on`)
-//! forces the fallback at run time.
+//! (x86_64 and aarch64 Linux with glibc); everywhere else
+//! [`rseq_available`] is `false`, [`current_cpu`] is `None`,
+//! [`fence_all_cpus`] is a `SeqCst` fence, and [`add_imm`]/[`add`] add
+//! nothing and return `false`. Setting the environment variable
+//! `PERCPU_REF_PORTABLE=1` (also `true`, `yes`, `on`) forces the fallback
+//! at run time.
 //!
-//! # The counter sequence (x86_64)
+//! # The frame
+//!
+//! Every sequence of both architectures is one `asm!` block built by the
+//! architecture's `rseq_asm!` macro around the same frame and local labels:
+//!
+//! | label | what |
+//! |---|---|
+//! | `2:` | arm: store the address of this copy's descriptor to `rseq->rseq_cs` (the abort handler comes back here: the kernel cleared it) |
+//! | `4:` | `start_ip`: the body reads the CPU id, its gate, and so on |
+//! | `5:` | `post_commit_ip`, right after the body's last instruction, the single commit |
+//! | `6:` | out of line: the refusal exit; sets the result register to 0, back to `5:` |
+//! | `7:` | out of line, after the 4-byte `RSEQ_SIG`: `abort_ip`, back to `2:` |
+//! | `3:` | the descriptor `{ 0, 0, 4b, 5b - 4b, 7b }` in `__rseq_cs` (writable: the absolute addresses need dynamic relocations in a PIE) |
+//!
+//! Bodies use the labels `20:` and up. Each inlined copy of a sequence
+//! assembles its own labels and descriptor. The result comes back in a
+//! register that is never 0 after a commit (the row address), so no flag
+//! is set and tested around the sequence.
+//!
+//! # The counter sequence
+//!
+//! x86_64:
 //!
 //! ```text
 //!   2:  lea   r, [rip + DESC]           ; (re)arm: the abort handler jumps here
@@ -41,7 +66,7 @@
 //!       add   r, qword [gate + 8]       ; r += gate->column (row address, base only)
 //!       add   qword [r], D              ; COMMIT: the single last instruction
 //!   5:                                  ; post-commit; r != 0 says "added"
-//!   (cold section)
+//!   (__rseq_failure section)
 //!   6:  xor   r32, r32 ; jmp 5b         ; refused: r = 0
 //!       .long RSEQ_SIG                  ; (inside a `ud1` encoding)
 //!   7:  jmp   2b                        ; abort: re-arm, restart from the top
@@ -52,10 +77,40 @@
 //! Intel cores measured this is the only form of a memory add that does not
 //! wait for the previous store to the same slot (a get and its put hit the
 //! same slot), see DESIGN.md §4. `off` is `__rseq_offset`, one load of a
-//! static (`x86_64.rs` says how it is addressed). The result comes back in
-//! `r` (the row address is never 0), so no flag register is set and tested
-//! around the sequence; `asm goto` (Rust 1.87, above this crate's MSRV
+//! static, or a register with [`add_imm_in`] (`glibc.rs` says how the
+//! static is addressed). `asm goto` (Rust 1.87, above this crate's MSRV
 //! 1.86) would save only the `test`/`jz` the caller does on `r`.
+//!
+//! aarch64 (a get as compiled, `sxtw` of the area token and the caller's
+//! `cbz` included; `x19` holds the gate, `w20` the token):
+//!
+//! ```text
+//!       sxtw  x8, w20                   ; off
+//!       mrs   x9, tpidr_el0             ; the thread pointer: fixed for the thread
+//!       add   x9, x9, x8                ; x9 = &struct rseq
+//!   2:  adrp  x10, DESC                 ; (re)arm
+//!       add   x10, x10, :lo12:DESC
+//!       str   x10, [x9, #8]             ; rseq->rseq_cs = &DESC
+//!   4:  ldr   w10, [x9, #4]             ; start: cpu_id
+//!       ldar  w11, [x19]                ; gate->limit, Acquire
+//!       cmp   w10, w11
+//!       b.hs  6f                        ; closed (0), id too big, or -1/-2
+//!       ldr   x11, [x19, #8]            ; gate->column (after the ldar)
+//!       add   x10, x11, x10, lsl #7     ; row address
+//!       ldr   x11, [x10]                ; the slot
+//!       add   x11, x11, #1              ; (a put: sub #1)
+//!       str   x11, [x10]                ; COMMIT: the single last instruction
+//!   5:  cbz   x10, slow                 ; the caller: refused?
+//!   (subsection 1: the end of the function's own section)
+//!   6:  mov   x10, xzr ; b 5b           ; refused
+//!       brk   #0x45e0                   ; RSEQ_SIG 0xd428bc00
+//!   7:  b     2b                        ; abort
+//! ```
+//!
+//! The out-of-line code goes to the end of the function's own section,
+//! not to a section of its own as on x86_64: an aarch64 conditional branch
+//! reaches only ±1 MiB, less than the distance between sections in a test
+//! binary.
 //!
 //! # Why an add is neither lost nor doubled
 //!
@@ -75,15 +130,21 @@
 //!    time, and by the owner only while the gate is closed and fenced
 //!    (below). Another thread can run on that CPU only after ours was
 //!    preempted; if that happened before our commit, we were inside the
-//!    range and abort. So the non-atomic read-modify-write of `add [r], D`
-//!    is never interleaved with another write of the slot: interrupts and
-//!    preemption happen at instruction boundaries.
+//!    range and abort. So the non-atomic read-modify-write (`add [r], D` on
+//!    x86_64; `ldr`/`add`/`str` on aarch64, all three inside the range) is
+//!    never interleaved with another write of the slot: interrupts and
+//!    preemption happen at instruction boundaries (both architectures take
+//!    exceptions precisely). A restart re-reads the slot; a value loaded
+//!    before an abort is never stored.
 //! 3. *Exactly once.* The commit is the single last instruction of the range
 //!    and `post` is the address right after it. An interruption either
 //!    arrives before the commit retires (IP in range: abort, restart, the add
 //!    has not happened and happens once on the retry) or after it (IP =
 //!    `post`, outside the range: no abort, the add happened once and is
-//!    never repeated). There is no state in between.
+//!    never repeated). There is no state in between. A fault *on* the
+//!    commit (a page fault of the slot) reports the commit's own address
+//!    with nothing written: the commit runs again, or, if the fault slept
+//!    (a preemption), the sequence aborts and restarts; once either way.
 //! 4. *Signals, including handlers that take references.* Signal delivery
 //!    is one of the events above: the interrupted sequence is moved to
 //!    `abort` (and `rseq_cs` cleared) *before* the handler runs. A handler
@@ -97,6 +158,10 @@
 //!    early exit only matches IPs inside its own sequence, which the thread
 //!    is no longer in. Every inlined copy of a sequence has its own
 //!    descriptor.
+//! 6. *Never torn.* The commit writes the whole aligned 8-byte slot in one
+//!    instruction, single-copy atomic on both architectures, so a
+//!    concurrent atomic load of the slot (an owner's snapshot, a sum) sees
+//!    the value before or after the add, never a mix.
 //!
 //! # The gate and the column: why nothing is in flight after the fence
 //!
@@ -112,55 +177,94 @@
 //!
 //! Consider any sequence of this process when the fence runs. If its thread
 //! is running on some CPU, the kernel interrupts that CPU (IPI), runs a full
-//! memory barrier there and marks the thread for an rseq check, so before it
-//! returns to user space its IP is checked: inside the range it aborts and
-//! restarts; past `post` the commit already retired (and the barrier makes
-//! it visible to the owner). The syscall returns after every IPI was
-//! handled. If its thread is not running and was inside a sequence, it was
-//! preempted there (a sequence makes no syscalls), so it aborts before it
-//! runs user code again; the context switches give the full barriers.
+//! memory barrier there (`smp_mb()`, a `dmb ish` on arm64) and marks the
+//! thread for an rseq check, so before it returns to user space its IP is
+//! checked: inside the range it aborts and restarts; past `post` the commit
+//! already retired, and the barrier orders it, with everything the thread
+//! did before it, before the owner's accesses after the fence. The syscall
+//! returns after every IPI was handled, and has full barriers at its own
+//! entry and exit. If its thread is not running and was inside a sequence,
+//! it was preempted there (a sequence makes no syscalls), so it aborts
+//! before it runs user code again; the context switches give the full
+//! barriers. This is the guarantee `membarrier(2)` documents for every
+//! architecture; nothing in it is x86-specific.
 //!
 //! A restarted (or new) sequence reads `limit` *inside* the range after the
 //! fence; the owner's store precedes the fence (the syscall's entry barrier
-//! drains it), so that read sees 0 and the sequence refuses. Hence once
-//! `fence_all_cpus()` returns no slot of the column changes until the gate
-//! opens again: the owner may read, swap, zero or reassign them. This is why
-//! `limit` *and* `column` must be read inside the sequence: with either read
-//! before `start`, a thread preempted between that read and `start` is not
-//! aborted, and later commits to a column the owner has closed, harvested or
-//! handed to another ref.
+//! orders it before the IPIs), so that read sees 0 and the sequence
+//! refuses. Hence once `fence_all_cpus()` returns no slot of the column
+//! changes until the gate opens again: the owner may read, swap, zero or
+//! reassign them. This is why `limit` *and* `column` must be read inside
+//! the sequence: with either read before `start`, a thread preempted
+//! between that read and `start` is not aborted, and later commits to a
+//! column the owner has closed, harvested or handed to another ref.
 //!
-//! Opening: the sequence reads `limit`, then `column`, then the slot (in the
-//! commit), in program order, and x86 keeps loads ordered with loads and
-//! stores after loads (TSO). So a sequence that sees the new non-zero
-//! `limit` sees the column pointer and the slot values the owner wrote
-//! before its `Release` store. A sequence that read the *old* non-zero
-//! limit before a close is still inside its range when the close's fence
-//! runs, so it aborts and re-reads everything.
+//! Opening has no fence, so the loads of a sequence must be ordered by
+//! themselves. The sequence reads `limit`, then `column`, then the slot, and
+//! must see, once it reads the new non-zero `limit`, the column pointer and
+//! the slot values the owner stored before its `Release` store of the
+//! limit:
+//!
+//! * x86_64 keeps loads ordered with loads and stores after loads (TSO):
+//!   the plain `cmp` with `limit` is enough.
+//! * arm64 does not: it may satisfy the `column` load before the `limit`
+//!   load (they are independent; the `b.hs` between them is a control
+//!   dependency, which does not order loads), so a sequence could pair the
+//!   new limit with the previous column, one the owner has harvested or
+//!   handed to another ref. The limit is therefore read with `ldar`
+//!   (Acquire, pairing with the owner's `Release` store): no later load or
+//!   store of the sequence is performed before it. The slot load depends on
+//!   the column through its address, which arm64 orders as well, and the
+//!   commit `str` comes after the `ldar` in program order, so it is ordered
+//!   after the owner's reset of the slot. (`ldar` waits only for earlier
+//!   `stlr`s, and a sequence has none; an `ldr` plus an artificial address
+//!   dependency would do as well, at two more instructions.)
+//!
+//! A sequence that read the *old* non-zero limit before a close is still
+//! inside its range when the close's fence runs, so it aborts and re-reads
+//! everything.
+//!
+//! The arming store of `rseq_cs` needs no barrier: only the kernel reads
+//! it, on the thread's own CPU while handling an exception of that thread,
+//! and a CPU sees its own earlier stores.
 //!
 //! The same reasoning covers [`CpuStacks`], whose per-CPU gate is read
-//! inside each of its sequences before anything else of the row; see
-//! `stack.rs`.
+//! inside each of its sequences before anything else of the row (with
+//! `ldar` on aarch64); see `stack.rs`.
 //!
-//! # aarch64 and other architectures
+//! # What the emulated arm64 guest can and cannot show
 //!
-//! A port adds `aarch64.rs` next to `x86_64.rs` with the same functions (see
-//! the `imp` list below), extends `percpu_ref_rseq` in `build.rs`, and keeps
-//! the argument above with two changes. (a) aarch64 does not keep loads
-//! ordered: `limit` must be read with `ldar` (or a `ldr` followed by a
-//! dependency or `dmb ishld`) so the `column` and slot loads cannot be
-//! satisfied before it, and the commit stays a single store instruction
-//! after the plain `ldr`/`add` of the slot (`str` is the commit; the
-//! load-add before it is inside the range and restarts). (b) The descriptor
-//! store and the thread pointer use `tpidr_el0`; the signature is the
-//! `RSEQ_SIG` aarch64 encoding (a `brk` immediate) before the abort label.
-//! The gate protocol, the membarrier and `CpuStacks`' single-store commits
-//! are architecture-independent.
+//! The aarch64 sequences run the chaos tests (`tests.rs`) in a QEMU guest
+//! (`scripts/arm64-vm.sh`, TCG on an x86_64 host). TCG performs the guest's
+//! loads and stores as host loads and stores, which the x86 host keeps in
+//! TSO order, so no reordering that arm64 hardware allows happens there: a
+//! missing `ldar` passes every test in the guest (`tests.rs` records that
+//! mutant too). The barrier argument above is what covers it. The guest
+//! does show what is not about the memory model: the arming, the
+//! descriptor, the signature, the commit being last, what is read inside
+//! the range, and `membarrier`.
+//!
+//! # Other architectures
+//!
+//! A port adds `<arch>.rs` next to `x86_64.rs` and `aarch64.rs` with the
+//! same functions (see the `imp` list below), extends `percpu_ref_rseq` in
+//! `build.rs`, and checks the argument above against its memory model:
+//! every gate read must be ordered before the row's other loads, the
+//! commit must be one store instruction, last in the range, and the
+//! signature is that architecture's `RSEQ_SIG` as glibc registers it.
 
 #[cfg(percpu_ref_rseq)]
+mod glibc;
+
+#[cfg(all(percpu_ref_rseq, target_arch = "x86_64"))]
 mod x86_64;
-#[cfg(percpu_ref_rseq)]
+#[cfg(all(percpu_ref_rseq, target_arch = "x86_64"))]
 use self::x86_64 as imp;
+
+#[cfg(all(percpu_ref_rseq, target_arch = "aarch64"))]
+mod aarch64;
+#[cfg(all(percpu_ref_rseq, target_arch = "aarch64"))]
+use self::aarch64 as imp;
 
 #[cfg_attr(percpu_ref_rseq, allow(dead_code))]
 mod fallback;
@@ -394,6 +498,7 @@ pub(crate) unsafe fn add_in(area: Area, g: &Gate, d: i64) -> bool {
 /// # Safety
 ///
 /// As for [`add_imm`].
+#[cfg_attr(not(percpu_ref_rseq), allow(dead_code))] // the counter's rseq path
 #[inline(always)]
 pub(crate) unsafe fn add(g: &Gate, d: i64) -> bool {
     // SAFETY: forwarded, as in `add_imm`.

@@ -28,11 +28,23 @@
 //!
 //! # Ordering for the items' users
 //!
-//! A commit is a plain x86 store, which has `Release` semantics (TSO), and
-//! the loads of `len` and the item are `Acquire`: a `pop` that returns an
-//! item happens-after the `push` that stored it, as a lock round trip
-//! would give. The page pool relies on this (a freed page's metadata is
-//! reset before the push).
+//! A `pop` that returns an item happens-after the `push` that stored it, as
+//! a lock round trip would give. The page pool relies on this (a freed
+//! page's metadata is reset before the push). Two ways an item travels:
+//!
+//! * *Within a row.* Both sequences committed on the row's CPU (parent
+//!   module, point 1), so the push's commit precedes the pop in that CPU's
+//!   own instruction stream. Between two threads, that CPU went through a
+//!   context switch, which the kernel makes a full memory barrier, and a
+//!   thread that migrated before its push carried its earlier accesses
+//!   along the same way. On x86_64 the commit is moreover a plain store,
+//!   `Release` under TSO, and the loads `Acquire`.
+//! * *Through a drain.* [`CpuStacks::with_all_closed`] closes and fences
+//!   (every commit before the fence is visible to the drainer's `Acquire`
+//!   loads), and reopens with `Release` stores of the gates, which pair
+//!   with the gate load at the start of every sequence: a plain load on
+//!   x86_64 (`Acquire` under TSO), `ldar` on aarch64. So a sequence that
+//!   finds its gate open sees the `len` and items the drainer wrote.
 
 use super::{fence_all_cpus, imp::stack as seq, rseq_available};
 use crate::sync::{lock, AtomicU32, Mutex, Ordering::*};
@@ -170,8 +182,9 @@ impl CpuStacks {
             fn drop(&mut self) {
                 for r in self.0 {
                     // Release: pairs with the gate load inside the next
-                    // sequence on this row (an x86 load, Acquire), which
-                    // then sees the `len` and items written while closed.
+                    // sequence on this row (Acquire: a TSO load on x86_64,
+                    // `ldar` on aarch64), which then sees the `len` and
+                    // items written while closed.
                     r.gate.store(0, Release);
                 }
             }
@@ -189,8 +202,9 @@ pub(crate) struct Closed<'a> {
 impl Closed<'_> {
     /// Items on row `row`.
     pub(crate) fn len(&self, row: usize) -> usize {
-        // Acquire: pairs with the sequences' committing stores (x86 stores
-        // are Release), which the fence made complete and visible.
+        // Acquire: the sequences' committing stores were made visible by
+        // the fence (a full barrier on every CPU that ran one); Acquire
+        // keeps the item loads that follow after this one.
         self.rows[row].len.load(Acquire) as usize
     }
 

@@ -1,36 +1,17 @@
-//! The x86_64 sequences (Linux, glibc): the area offset, tier choice, and
-//! every restartable sequence of the crate. The argument for their
-//! exactness is in the parent module's docs; the per-sequence comments
-//! name what each instruction is for.
+//! The x86_64 sequences (Linux, glibc): every restartable sequence of the
+//! crate, and the CPU-id read. The argument for their exactness is in the
+//! parent module's docs (the frame, the labels and the argument are shared
+//! with `aarch64.rs`); the per-sequence comments name what each
+//! instruction is for. The area lookup and the tier choice are `glibc.rs`.
 //!
-//! Every sequence is built by `rseq_asm!` around the same frame: arm the
-//! descriptor, `start`, the body whose last instruction is the single
-//! commit, `post`; a cold section with the refusal exit (`6:`, then back to
-//! `post`) and the abort handler (after the signature, back to the arming);
-//! and the descriptor itself. Bodies use the local labels `20:` and up
-//! (labels made of only `0`s and `1`s are ambiguous in LLVM's x86 asm).
+//! Every sequence is built by `rseq_asm!` around the frame the parent
+//! module describes. Bodies use the local labels `20:` and up (labels made
+//! of only `0`s and `1`s are ambiguous in LLVM's x86 asm).
 
-use super::{Gate, ROW_SHIFT};
-use crate::sync::{AtomicI64, Ordering::Relaxed};
+pub(super) use super::glibc::{available, fence_all_cpus, resolved_offset};
+use super::{glibc::area_offset, Gate, ROW_SHIFT};
+use crate::sync::AtomicI64;
 use std::arch::asm;
-use std::sync::OnceLock;
-
-/// `struct rseq` is at least this big when registered (original ABI).
-const RSEQ_ORIG_SIZE: u32 = 20;
-/// [`OFFSET`] before the lookup ran.
-const UNRESOLVED: i64 = i64::MIN;
-/// [`OFFSET`] when glibc did not register an area.
-const ABSENT: i64 = i64::MIN + 1;
-
-/// `__rseq_offset`, or one of the two sentinels. Each sequence reads it
-/// with one load. In code inlined into another crate rustc addresses a
-/// static of this crate through the GOT, a load of a constant that the
-/// compiler hoists out of loops (seen with `objdump -d` of
-/// `benches/percpu.rs`: one `mov` of the offset per sequence, the GOT load
-/// before the loop). Naming the static in the asm with a `sym` operand
-/// would drop the GOT load everywhere, but needs a PC-relative relocation
-/// against an exported symbol, which a Rust `dylib` link refuses.
-static OFFSET: AtomicI64 = AtomicI64::new(UNRESOLVED);
 
 /// The frame shared by every sequence; see the module docs. `$r` names the
 /// operand (an `out(reg)`) that holds the descriptor address while arming;
@@ -80,73 +61,6 @@ macro_rules! rseq_asm {
             $($operands)*
         )
     };
-}
-/// Look up glibc's `__rseq_size` / `__rseq_offset` with `dlsym`.
-#[cold]
-#[inline(never)]
-fn resolve() -> i64 {
-    // SAFETY: `dlsym` with `RTLD_DEFAULT` and a NUL-terminated name is
-    // always safe to call; it returns null if the symbol is absent.
-    let size = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) };
-    // SAFETY: as above.
-    let offset = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) };
-    let off = if size.is_null() || offset.is_null() {
-        ABSENT
-    } else {
-        // SAFETY: glibc defines `const unsigned int __rseq_size` and
-        // `const ptrdiff_t __rseq_offset` (aligned, initialised before
-        // any user code runs and never written again).
-        let (size, offset) = unsafe { (*size.cast::<u32>(), *offset.cast::<isize>() as i64) };
-        if size >= RSEQ_ORIG_SIZE && offset > ABSENT {
-            offset
-        } else {
-            ABSENT
-        }
-    };
-    // Relaxed: the value is self-contained and every thread computes the
-    // same one, so a racing lookup stores the same number.
-    OFFSET.store(off, Relaxed);
-    off
-}
-
-/// The rseq area's offset from the thread pointer, if glibc registered
-/// one.
-#[inline]
-fn area_offset() -> Option<i64> {
-    // Relaxed: see `resolve`; a stale UNRESOLVED only repeats the lookup.
-    match OFFSET.load(Relaxed) {
-        UNRESOLVED => match resolve() {
-            ABSENT => None,
-            off => Some(off),
-        },
-        ABSENT => None,
-        off => Some(off),
-    }
-}
-
-/// The area offset once [`available`] returned `true`: one load.
-#[inline(always)]
-pub(super) fn resolved_offset() -> i64 {
-    // Relaxed: written by `resolve` before the OnceLock in `available`
-    // completed, and every caller observed that completion (the sequences'
-    // precondition), so this load sees the final value.
-    let off = OFFSET.load(Relaxed);
-    debug_assert!(off > ABSENT, "an rseq sequence before rseq_available()");
-    off
-}
-
-#[inline]
-pub(super) fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if super::portable_forced_by(std::env::var_os(super::PORTABLE_ENV).as_deref()) {
-            return false;
-        }
-        if area_offset().is_none() || !crate::sys::membarrier::register_private_expedited_rseq() {
-            return false;
-        }
-        true
-    })
 }
 
 #[inline]
@@ -255,14 +169,6 @@ pub(super) unsafe fn add_off(off: i64, g: &Gate, d: i64) -> bool {
         );
     }
     row != 0
-}
-
-pub(super) fn fence_all_cpus() {
-    if available() {
-        crate::sys::membarrier::private_expedited_rseq();
-    } else {
-        crate::sync::fence(crate::sync::Ordering::SeqCst);
-    }
 }
 
 /// The `limit` contender of `benches/percpu.rs`: `iters` pairs of a bare
