@@ -12,44 +12,14 @@
 //! device and ordinary pages in one array with a per-page flag looked at
 //! only on those transitions.
 //!
-//! # Why hook 0↔1, and not every get: the kernel's history
+//! # Why hook 0↔1, and not every get
 //!
-//! Linux 4.5 (2016, `5c2c2587b132`, "introduce {get|put}_dev_pagemap() for
-//! dax-gup") tied pages of a `ZONE_DEVICE` mapping (persistent memory
-//! behind `/dev/dax`) to the mapping's `dev_pagemap` `percpu_ref`: every
-//! `get_page()` of such a page also did a `percpu_ref_get`, every
-//! `put_page()` a put, so the driver could kill the ref and wait for all
-//! page users before removing the mapping. That put a zone test in the
-//! kernel's hottest inline functions for *every* page and a second counter
-//! update on every get and put of a device page — and still missed paths:
-//! in the April 2017 linux-mm thread "get_zone_device_page() in get_page()
-//! and page_cache_get_speculative()", Kirill Shutemov found that the
-//! speculative get of lockless lookups (and the generic GUP code) took
-//! device pages without the pgmap reference, and argued for hooking at the
-//! `page_ref_*` level, the one choke point all paths go through. He then
-//! proposed taking the percpu ref out of the hot path entirely by checking
-//! at teardown that every page count was back to its idle value; Dan
-//! Williams rejected that: starting driver shutdown while page references
-//! are outstanding is legal, the `percpu_ref` is what lets teardown *wait*
-//! for them, and a count check at release time just races and crashes.
-//!
-//! What Linux settled on takes the lifetime reference per page instead of
-//! per get. First, in 4.12 (`71389703839e`, "Replace
-//! {get,put}_zone_device_page() with a single reference to fix pmem
-//! crash"), one reference per page for the life of the mapping; then, in
-//! 6.1 (`0dc45ca1ce18`, "take a pgmap reference on page allocation", after
-//! `27674ef6c73f` let free device pages sit at count 0), one reference per
-//! *allocated* page, taken with `percpu_ref_tryget_live` on the page's 0→1
-//! transition (so allocation fails once the device is killed) and dropped
-//! when the count returns to 0. That is this module. The invariant "a page
-//! holds one device reference exactly while its count is not zero" covers
-//! every path by construction — `inc` needs a reference, `get_unless_zero`
-//! never moves a count off zero — so the speculative get needs no hook; the
-//! hot get/put of a referenced page is one atomic add, the same for device
-//! and ordinary pages; and the `PercpuRef` is touched once per allocation,
-//! not once per get. Teardown is kill → wait for the drain → unmap (Linux's
-//! 2019 fix "devm_memremap_pages: fix final page put race" is the reminder
-//! that the wait is not optional).
+//! A page holds one device reference exactly while its count is not zero,
+//! so every path — `inc`, the speculative `get_unless_zero`, the final put —
+//! is covered by construction, and the hot get/put of a referenced page is
+//! one atomic add, the same for device and ordinary pages. How Linux came to
+//! this design (2016–2022, and the 2017 linux-mm thread this crate grew
+//! from): [`crate::docs::background`].
 //!
 //! | operation | ordinary page (`NoHook`) | device page (`PercpuRefHook`) |
 //! |---|---|---|

@@ -86,7 +86,8 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
                 let fresh = keyed::fresh(key);
                 for row in 0..slots::rows() {
                     // A swap, not a store: stale adders may race on the
-                    // slot, and loom needs RMWs there (DESIGN §8). Relaxed:
+                    // slot, and loom 0.7 only models RMWs racing RMWs faithfully, not a
+                    // store racing one (tokio-rs/loom#254). Relaxed:
                     // published by the Release store of the column.
                     c.slot(row).swap(fresh, Relaxed);
                 }
