@@ -1,11 +1,52 @@
-//! Per-CPU reference counts with the Linux kernel's `percpu_ref` semantics.
+//! Per-CPU reference counts with the Linux kernel's `percpu_ref` semantics,
+//! a page refcount layer with a lifetime hook, and a persistent-memory page
+//! pool that can be shut down while its pages are still in use.
 //!
-//! A [`PercpuRef`] counts references to a value with near-free `get`/`put`
-//! on the fast path (each CPU adds to its own slot) and can be *killed*: new
-//! live references are refused, the owner's reference is dropped, and a
-//! pluggable [`ReleasePolicy`] runs exactly once when the last reference
-//! drains. That is what lets a device be shut down while its pages are still
-//! in use: kill, wait for the drain, then unmap.
+//! A [`PercpuRef`] counts references to a value with near-free get and put
+//! (each CPU adds to its own slot) and can be *killed*: new live references
+//! are refused, the owner's reference is dropped, and a pluggable
+//! [`ReleasePolicy`] runs exactly once when the last reference drains. That
+//! is what lets a device be shut down while its pages are still in use:
+//! kill, wait for the drain, then unmap.
+//!
+//! # What is inside
+//!
+//! | layer | types | what |
+//! |---|---|---|
+//! | per-CPU count | [`PercpuRef`], [`Ref`], [`PercpuArc`], [`OwnedRef`], [`Builder`] | the kernel's `percpu_ref`: `tryget`, `tryget_live`, `kill`, `kill_and_confirm`, mode switches, `resurrect`, `reinit`; adaptive refs that go per-CPU when contended |
+//! | release policies | [`ReleasePolicy`], [`Completion`], [`NoRelease`], `Deferred`, `OnRayon`, any `Fn(&T)` | what runs, exactly once, when a killed ref drains |
+//! | shutdown at scale | [`KillBatch`], [`kill_all`], [`PercpuRef::holders`] | many refs killed with one barrier; who still holds a reference |
+//! | pages | [`PageRef`], [`PageRefHook`], [`NoHook`], [`PercpuRefHook`], [`ArcPercpuRefHook`], [`MixedHook`] | a page count whose hook runs only on 0→1 and 1→0; [`NoHook`] compiles to a bare `AtomicU32` |
+//! | device pool (`dax`) | `DevicePagePool`, `DevicePage`, `PoolOptions`, `ShutdownHandle` | pages from `/dev/dax`, a DAX file, a file or anonymous memory; lock-free address lookup; optimistic reads; hot shutdown that unmaps only after the last page |
+//!
+//! Long-form pages: [`docs::internals`] (how the count works),
+//! [`docs::rseq`] (why the fast path is exact), [`docs::limitations`],
+//! [`docs::background`] (the kernel history).
+//!
+//! # Features
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `dax` | yes | `DevicePagePool` and its backends (pulls `arc-swap`, `crossbeam-utils`, more of `rustix`) |
+//! | `epoch` | no | the `Deferred` release policy (crossbeam-epoch) |
+//! | `rayon` | no | the `OnRayon` release policy |
+//! | `track` | no | holder tracking: every reference records who took it ([`PercpuRef::holders`]); costs time on every get and put, nothing when off |
+//!
+//! With `default-features = false` the crate depends on `thiserror`,
+//! `rustix` (for `membarrier`) and `libc` only.
+//!
+//! # Two tiers
+//!
+//! * **rseq** (Linux x86_64 and aarch64 with glibc ≥ 2.35): a get or put is
+//!   a plain add to the current CPU's slot inside a restartable sequence;
+//!   switching to atomic mode (and killing) closes the ref's gate and calls
+//!   `membarrier` once. See [`docs::rseq`].
+//! * **portable** (everywhere else, and under Miri or a model checker): a
+//!   compare-exchange on the current CPU's slot; a switch drains the slots.
+//!
+//! The tier is chosen at run time ([`init`], [`Tier`]);
+//! `PERCPU_REF_PORTABLE=1` or [`Builder::portable`] forces the portable one.
+//! Neither needs an RCU grace period.
 //!
 //! # Lifecycle
 //!
@@ -44,11 +85,14 @@
 //!
 //! # When does release run, and on which thread?
 //!
-//! Exactly once per kill, when the count of the killed ref reaches zero: on
-//! the thread whose `put` (drop of a [`Ref`]) took it there, or inside
-//! [`kill`](PercpuRef::kill) if no reference was outstanding. Policies move
-//! the work elsewhere: [`Completion`] wakes a waiter, `Deferred` (feature
-//! `epoch`) waits for an epoch, `OnRayon` (feature `rayon`) runs on a pool.
+//! Exactly once per killed life, when its count reaches zero: on the thread
+//! whose put (drop of a [`Ref`] or [`OwnedRef`]) took it there, or inside
+//! [`kill`](PercpuRef::kill) if no reference was outstanding (after the
+//! kill has released the ref's lock, so a release may switch, kill or revive
+//! refs). Policies move the work elsewhere: [`Completion`] wakes a waiter,
+//! `Deferred` (feature `epoch`) waits for an epoch, `OnRayon` (feature
+//! `rayon`) runs on a pool. A panicking release still counts as done, and
+//! the panic propagates from the put that ran it.
 //!
 //! # Shutdown at scale
 //!
@@ -80,13 +124,14 @@
 //!
 //! # Costs
 //!
-//! | operation | cost |
-//! |---|---|
-//! | `tryget`/clone/drop in percpu mode | one uncontended `fetch_add` on this CPU's slot |
-//! | same in atomic mode or while dying | one `fetch_add` on the shared count |
-//! | `switch_to_atomic`, `kill` | one swap per possible CPU, no grace period |
-//! | [`KillBatch`] / [`kill_all`] of many refs | one `membarrier` for all of them (rseq tier) |
-//! | memory per ref | a small header plus 8 bytes per possible CPU |
+//! | operation | rseq tier | portable tier |
+//! |---|---|---|
+//! | get/put/`tryget`/`tryget_live` (borrowed or owned) in percpu mode | a plain add in a restartable sequence (~1 ns per get+put pair) | one uncontended compare-exchange on this CPU's slot |
+//! | the same in atomic mode or while dying | one atomic RMW on the shared count | the same |
+//! | `switch_to_atomic`, `kill` | one `membarrier`, then a swap per possible CPU | a swap per possible CPU |
+//! | `switch_to_percpu` | one column from the slot arena, a swap per possible CPU | the same |
+//! | [`KillBatch`] / [`kill_all`] of many refs | one `membarrier` for all of them | no barrier at all |
+//! | memory per ref | a 32-byte header; 8 bytes per possible CPU while counting per CPU ([`slot_bytes_per_ref`]) | the same |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -100,15 +145,20 @@
 #[cfg(all(feature = "dax", not(percpu_ref_model)))]
 mod dax;
 pub mod docs;
-pub mod page;
+mod page;
 mod percpu;
 mod sync;
 mod sys;
 
-// Layer re-exports. `page` and `dax` decide their public items themselves.
 #[cfg(all(feature = "dax", not(percpu_ref_model)))]
-pub use dax::*;
-pub use page::*;
+pub use dax::{
+    Backend, DevicePage, DevicePagePool, PageView, PageWriter, PersistMethod, PoolError,
+    PoolOptions, PoolStats, ShutdownFuture, ShutdownHandle, ShutdownReport, StillHeld,
+    MIN_PAGE_SIZE,
+};
+pub use page::{
+    ArcPercpuRefHook, FirstRefError, MixedHook, NoHook, PageRef, PageRefHook, PercpuRefHook,
+};
 
 #[cfg(feature = "epoch")]
 pub use percpu::policy::Deferred;
