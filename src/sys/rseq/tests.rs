@@ -19,7 +19,7 @@
 //!
 //! Each mutant below was applied to a scratch copy of `x86_64.rs` and the
 //! chaos tests (`cargo test --lib -- chaos dax::free`, debug) run 4 times
-//! on the 2-vCPU Intel Xeon KVM dev VM; not part of CI. Rerun them after
+//! on a 2-vCPU Intel Xeon (KVM); not part of CI. Rerun them after
 //! any change to a sequence or to these tests.
 //!
 //! | mutant (how it was made) | failing tests, runs out of 4 |
