@@ -1,5 +1,6 @@
-//! Semantics of `PercpuRef` (tryget and tryget_live across a kill, exactly-once
-//! release, modes, revives, misuse, policies) and bounded stress tests. Iteration counts shrink under Miri.
+//! Semantics of `PercpuRef` (tryget and tryget_live across a kill,
+//! exactly-once release, modes, revives, misuse, policies) and bounded
+//! stress tests. Iteration counts shrink under Miri.
 
 use percpu_ref::{
     Completion, KillError, Mode, NoRelease, OwnedRef, PercpuArc, PercpuRef, Ref, ReleasePolicy,

@@ -57,12 +57,10 @@ fn safe(name: &str) -> String {
     name.replace(['?', '"', '/', '\\', '*', '<', '>', ':', '|', '^'], "_")
 }
 
-/// `estimates.json` → `<key>.point_estimate`, without a JSON dependency.
+/// `estimates.json` → `<key>.point_estimate`.
 fn point_estimate(json: &str, key: &str) -> Option<f64> {
-    let rest = &json[json.find(&format!("\"{key}\""))?..];
-    let rest = &rest[rest.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
-    let end = rest.find([',', '}'])?;
-    rest[..end].trim().parse().ok()
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v.get(key)?.get("point_estimate")?.as_f64()
 }
 
 /// `a ÷ b` formatted as a ratio, or `-` when either side is missing.
