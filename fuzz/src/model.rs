@@ -281,8 +281,11 @@ impl Model {
             return Err(ReviveError::Live);
         }
         if self.count > 0 {
-            // inc_not_zero succeeded: a new initial reference.
+            // inc_not_zero succeeded: a new initial reference. A new life
+            // gets its own release, even if misused puts already released
+            // the old one (the count came back through gets).
             self.count += 1;
+            self.released = false;
             self.revive();
             return Ok(());
         }

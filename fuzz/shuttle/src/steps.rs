@@ -1252,8 +1252,11 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
         Ev::Resurrect(r) => {
             if m.dead && m.count > 0 {
                 // inc_not_zero succeeds: the new reference counts at once,
-                // the ref stays dying until the ResurrectEnd.
+                // the ref stays dying until the ResurrectEnd. The new life
+                // gets its own release (misused puts may have run the old
+                // one before gets brought the count back).
                 m.count += 1;
+                m.released = false;
                 r.is_ok()
             } else {
                 // A drained ref: a reinit, whose slots open at the
