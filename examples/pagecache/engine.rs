@@ -818,7 +818,7 @@ fn open_pool(cfg: &Config) -> Result<DevicePagePool, String> {
     // `DevicePage::writer`.
     let opts = PoolOptions::new()
         .page_size(cfg.page_size)
-        .optimistic_reads(true);
+        .optimistic_reads();
     let r = match &cfg.source {
         Source::Anonymous => DevicePagePool::anonymous_with(size, &opts),
         Source::Dax(path) => DevicePagePool::open(path, &opts.size(size as u64)),
@@ -835,7 +835,7 @@ fn open_pool(cfg: &Config) -> Result<DevicePagePool, String> {
                 f.set_len(size as u64)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
             }
-            DevicePagePool::open(path, &opts.size(size as u64).allow_file_fallback(true))
+            DevicePagePool::open(path, &opts.size(size as u64).allow_file_fallback())
         }
     };
     r.map_err(|e| e.to_string())

@@ -496,9 +496,10 @@ fuzz_target!(|input: Input| {
     }
     let page_size = if input.big_pages { 8192 } else { 4096 };
     let n = 1 + input.pages as usize % 16;
-    let opts = PoolOptions::new()
-        .page_size(page_size)
-        .optimistic_reads(input.optimistic);
+    let mut opts = PoolOptions::new().page_size(page_size);
+    if input.optimistic {
+        opts = opts.optimistic_reads();
+    }
     let pool = DevicePagePool::anonymous_with(n * page_size, &opts).expect("anonymous pool");
     let base = pool.as_ptr() as usize;
     assert_eq!((pool.page_count(), pool.page_size()), (n, page_size));

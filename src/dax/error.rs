@@ -85,8 +85,8 @@ pub enum PoolError {
 
     /// Another pool (in this process or another) has the file or device
     /// open: its lock is held (see
-    /// [`PoolOptions::lock`](crate::PoolOptions::lock)).
-    #[error("{}: already opened by another pool (in this or another process); pools that coordinate themselves can set PoolOptions::lock(false)", .path.display())]
+    /// [`PoolOptions::unlocked`](crate::PoolOptions::unlocked)).
+    #[error("{}: already opened by another pool (in this or another process); pools that coordinate themselves can open with PoolOptions::unlocked()", .path.display())]
     AlreadyOpen {
         /// The path given to `open`.
         path: PathBuf,
@@ -239,7 +239,7 @@ pub enum PoolError {
     /// refuse it with EOPNOTSUPP). Set
     /// [`PoolOptions::allow_file_fallback`](crate::PoolOptions::allow_file_fallback)
     /// to use the `msync` file backend instead.
-    #[error("{}: MAP_SYNC mapping refused, so this file is not on a DAX filesystem; set PoolOptions::allow_file_fallback(true) to use the msync file backend", .path.display())]
+    #[error("{}: MAP_SYNC mapping refused, so this file is not on a DAX filesystem; set PoolOptions::allow_file_fallback() to use the msync file backend", .path.display())]
     FsDaxRefused {
         /// The file.
         path: PathBuf,
@@ -336,7 +336,7 @@ pub enum PoolError {
 
     /// An optimistic read of a pool opened without
     /// [`PoolOptions::optimistic_reads`](crate::PoolOptions::optimistic_reads).
-    #[error("pool {}: optimistic reads need PoolOptions::optimistic_reads(true) (its pages may be written through &mut [u8])", .path.display())]
+    #[error("pool {}: optimistic reads need PoolOptions::optimistic_reads() (its pages may be written through &mut [u8])", .path.display())]
     OptimisticReadsDisabled {
         /// The pool's path (or `anonymous`).
         path: PathBuf,

@@ -48,7 +48,7 @@ use std::sync::Arc;
 /// character device whose sysfs subsystem is `dax`) or a regular file
 /// (fsdax with `MAP_SYNC`; the `msync` file backend only if
 /// [`PoolOptions::allow_file_fallback`] says so), and locks it for the
-/// pool's life ([`PoolOptions::lock`]); [`anonymous`](Self::anonymous)
+/// pool's life (unless [`PoolOptions::unlocked`]); [`anonymous`](Self::anonymous)
 /// works everywhere.
 ///
 /// Memory cost, besides the mapping: 68 bytes per page — a 64-byte
@@ -82,7 +82,7 @@ use std::sync::Arc;
 /// * Truncating the file under a live pool (by this or another process)
 ///   makes every access to a page past the new end raise `SIGBUS`, as for
 ///   any shared file mapping: the pool checks sizes when it maps, but
-///   cannot stop a later `truncate`. The lock ([`PoolOptions::lock`]) is
+///   cannot stop a later `truncate`. The lock (see [`PoolOptions::unlocked`]) is
 ///   advisory and does not prevent it.
 /// * Memory shared with other processes (a file or device mapped
 ///   `MAP_SHARED` elsewhere) can change behind this process's back; the
@@ -142,7 +142,7 @@ impl DevicePagePool {
     /// pool larger than the device or file, an offset past its end, a file
     /// smaller than one page, a zero size, a bad page size, `MAP_PRIVATE`
     /// on device dax, fsdax refused, and a file or device another pool
-    /// has open ([`PoolError::AlreadyOpen`], see [`PoolOptions::lock`]).
+    /// has open ([`PoolError::AlreadyOpen`], see [`PoolOptions::unlocked`]).
     ///
     /// ```
     /// # #[cfg(target_os = "linux")] {
