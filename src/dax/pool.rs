@@ -12,7 +12,7 @@ use super::shared::{PageSlot, PoolHook, PoolRelease, Shard, Shared};
 use super::shutdown::ShutdownHandle;
 use crate::page::{FirstRefError, PageRef};
 use crate::percpu::policy::Completion;
-use crate::percpu::PercpuRef;
+use crate::percpu::{KillBatch, KillError, Killable, PercpuRef};
 use crate::sync::{AtomicPtr, AtomicU64, Mutex, Ordering::*};
 use crate::sys::cpu;
 use crossbeam_utils::CachePadded;
@@ -379,12 +379,84 @@ impl DevicePagePool {
     /// When this returns, every `alloc` and `lookup` fails with
     /// [`PoolError::ShuttingDown`]. Pages already held stay valid. Calling
     /// it again (or from several threads) returns handles to the same
-    /// shutdown.
+    /// shutdown. Shutting down many pools: [`shutdown_all`](Self::shutdown_all)
+    /// pays one barrier for all of them.
     pub fn shutdown(&self) -> ShutdownHandle {
         self.shared.start_shutdown();
         ShutdownHandle {
             shared: Arc::clone(&self.shared),
         }
+    }
+
+    /// Start the shutdown of every pool in `pools` with **one** barrier
+    /// (`membarrier`) for all of them, instead of one per pool: an engine
+    /// unmounting many devices pays ~10 µs, not ~10 µs per device.
+    ///
+    /// Each pool's shutdown is exactly [`shutdown`](Self::shutdown)'s:
+    /// when this returns, every `alloc`, `lookup` and `read` of every one
+    /// of them fails with [`PoolError::ShuttingDown`]; pages already held
+    /// stay valid; each pool is persisted and unmapped when its own last
+    /// page drops (inside this call for a pool with no page held). Returns
+    /// one handle per pool, in the order given; a pool whose shutdown had
+    /// started already (or that is listed twice) gets a handle to that same
+    /// shutdown.
+    ///
+    /// To mix pools with [`PercpuRef`]s in one barrier, or to learn which
+    /// pools were already shutting down, push them into a
+    /// [`KillBatch`](crate::KillBatch) instead (a pool is
+    /// [`Killable`](crate::Killable)), then take the handles with
+    /// `shutdown()`, which no longer waits for anything.
+    ///
+    /// ```
+    /// use percpu_ref::{DevicePagePool, PoolError};
+    /// use std::time::Duration;
+    ///
+    /// let devices: Vec<DevicePagePool> = (0..3)
+    ///     .map(|_| DevicePagePool::anonymous(8 * 4096))
+    ///     .collect::<Result<_, _>>()?;
+    /// let held = devices[1].alloc()?; // an I/O still in flight
+    ///
+    /// let handles = DevicePagePool::shutdown_all(&devices);
+    /// for pool in &devices {
+    ///     assert!(matches!(pool.alloc(), Err(PoolError::ShuttingDown { .. })));
+    /// }
+    /// assert!(handles[0].is_complete() && handles[2].is_complete());
+    /// let stuck = handles[1].wait_timeout(Duration::from_millis(1)).unwrap_err();
+    /// assert_eq!(stuck.indices, [held.index()]);
+    /// drop(held);
+    /// assert!(handles[1].is_complete());
+    /// # Ok::<(), PoolError>(())
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If a pool's release, run here, panics: every pool's shutdown is
+    /// started first, then the first panic propagates.
+    pub fn shutdown_all<'a>(
+        pools: impl IntoIterator<Item = &'a DevicePagePool>,
+    ) -> Vec<ShutdownHandle> {
+        let pools: Vec<&DevicePagePool> = pools.into_iter().collect();
+        let batch: KillBatch<'_> = pools.iter().map(|&p| p as &dyn Killable).collect();
+        for r in batch.kill() {
+            // `AlreadyDead`: started before (or listed twice), as a second
+            // `shutdown()`. A pool's pgmap cannot underflow: its pages put
+            // exactly the references their allocation took.
+            debug_assert!(
+                matches!(r, Ok(()) | Err(KillError::AlreadyDead)),
+                "pool pgmap kill: {r:?}"
+            );
+        }
+        pools
+            .iter()
+            .map(|p| ShutdownHandle {
+                shared: Arc::clone(&p.shared),
+            })
+            .collect()
+    }
+
+    /// The pool's `PercpuRef`, for a `KillBatch` (`percpu::batch`).
+    pub(crate) fn pgmap(&self) -> &dyn Killable {
+        &self.shared.pgmap
     }
 
     /// Has [`shutdown`](Self::shutdown) been called?
