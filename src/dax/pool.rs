@@ -12,7 +12,7 @@ use super::shared::{PageSlot, PoolHook, PoolRelease, Shard, Shared};
 use super::shutdown::ShutdownHandle;
 use crate::page::{FirstRefError, PageRef};
 use crate::percpu::policy::Completion;
-use crate::percpu::{KillBatch, KillError, Killable, PercpuRef};
+use crate::percpu::{Holders, KillBatch, KillError, Killable, PercpuRef};
 use crate::sync::{AtomicPtr, AtomicU64, Mutex, Ordering::*};
 use crate::sys::cpu;
 use crossbeam_utils::CachePadded;
@@ -218,6 +218,8 @@ impl DevicePagePool {
                 page_size,
                 page_shift: page_size.trailing_zeros(),
                 optimistic,
+                #[cfg(not(percpu_ref_untracked))]
+                holders: crate::percpu::Tracker::new(),
             }
         });
         for slot in shared.pgmap.policy().shards.iter() {
@@ -245,7 +247,36 @@ impl DevicePagePool {
     /// [`PoolError::ShuttingDown`] once [`shutdown`](Self::shutdown) was
     /// called, [`PoolError::Exhausted`] if every page is allocated,
     /// [`PoolError::Forked`] in a `fork()` child.
+    #[inline]
     pub fn alloc(&self) -> Result<DevicePage, PoolError> {
+        self.alloc_labelled(None)
+    }
+
+    /// [`alloc`](Self::alloc), recording `label` as the page holder's label
+    /// (feature `track`; see [`holders`](Self::holders)): a shutdown that
+    /// waits for this page names it. Without the feature the label is
+    /// ignored.
+    ///
+    /// ```
+    /// use percpu_ref::DevicePagePool;
+    /// let pool = DevicePagePool::anonymous(4 * 4096)?;
+    /// let page = pool.alloc_tagged("compaction")?;
+    /// if let Some(h) = pool.holders().iter().next() {
+    ///     // with `track`
+    ///     assert_eq!((h.page(), h.label()), (Some(page.index()), Some("compaction")));
+    /// }
+    /// # Ok::<(), percpu_ref::PoolError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`alloc`](Self::alloc).
+    pub fn alloc_tagged(&self, label: &'static str) -> Result<DevicePage, PoolError> {
+        self.alloc_labelled(Some(label))
+    }
+
+    #[inline]
+    fn alloc_labelled(&self, label: Option<&'static str>) -> Result<DevicePage, PoolError> {
         let s = &*self.shared;
         if s.pgmap.is_dying() {
             return Err(s.shutting_down());
@@ -272,7 +303,7 @@ impl DevicePagePool {
                 let shard = unsafe { s.shard_get(k) };
                 // SAFETY: page `i` is allocated, its count is ours and the
                 // shard count just taken is its allocation's.
-                Ok(unsafe { DevicePage::new(Arc::as_ptr(&self.shared), shard, i) })
+                Ok(unsafe { DevicePage::new(Arc::as_ptr(&self.shared), shard, i, label) })
             }
             Err(FirstRefError::Refused) => {
                 s.free.push(i);
@@ -322,7 +353,27 @@ impl DevicePagePool {
     /// open for writing ([`DevicePage::as_mut_slice`], a
     /// [`PageWriter`](crate::PageWriter)), [`PoolError::Forked`] in a
     /// `fork()` child.
+    #[inline]
     pub fn lookup(addr: *const u8) -> Result<DevicePage, PoolError> {
+        Self::lookup_labelled(addr, None)
+    }
+
+    /// [`lookup`](Self::lookup), recording `label` as the page holder's
+    /// label (feature `track`; see [`holders`](Self::holders)). Without the
+    /// feature the label is ignored.
+    ///
+    /// # Errors
+    ///
+    /// As [`lookup`](Self::lookup).
+    pub fn lookup_tagged(addr: *const u8, label: &'static str) -> Result<DevicePage, PoolError> {
+        Self::lookup_labelled(addr, Some(label))
+    }
+
+    #[inline]
+    fn lookup_labelled(
+        addr: *const u8,
+        label: Option<&'static str>,
+    ) -> Result<DevicePage, PoolError> {
         let a = addr as usize;
         // The pool is pinned (a pool reference) while this closure runs.
         registry::with_live_pool(a, |shared, start| {
@@ -360,7 +411,7 @@ impl DevicePagePool {
             };
             // SAFETY: page `index` is allocated and the reference just
             // taken is ours; its allocation holds the count on `shard`.
-            let page = unsafe { DevicePage::new(shared, shard, index as u32) };
+            let page = unsafe { DevicePage::new(shared, shard, index as u32, label) };
             // Acquire: pairs with the Release of `unfreeze` in
             // `make_exclusive` (read through `get_unless_zero`'s Acquire, so
             // we see the flag it published) and of `share`/`end_write` (so
@@ -457,6 +508,55 @@ impl DevicePagePool {
     /// The pool's `PercpuRef`, for a `KillBatch` (`percpu::batch`).
     pub(crate) fn pgmap(&self) -> &dyn Killable {
         &self.shared.pgmap
+    }
+
+    /// Who holds this pool's pages right now (feature `track`): one
+    /// [`Holder`](crate::Holder) per [`DevicePage`] — from
+    /// [`alloc`](Self::alloc), [`lookup`](Self::lookup) or a clone — with
+    /// its page index ([`Holder::page`](crate::Holder::page)), the thread
+    /// that made it, its label ([`alloc_tagged`](Self::alloc_tagged),
+    /// [`lookup_tagged`](Self::lookup_tagged), a
+    /// [`holder_label`](crate::holder_label) scope, or the label of the
+    /// page it was cloned from) and, when `RUST_BACKTRACE` or
+    /// `RUST_LIB_BACKTRACE` asks for one, where it was made. The same
+    /// report comes with [`StillHeld`](crate::StillHeld) when a shutdown
+    /// waits too long. Without the feature the report is empty and says
+    /// that tracking is off: [`ShutdownHandle::held`] still names the
+    /// pages.
+    ///
+    /// A snapshot, exact for pages held the whole time it is taken.
+    ///
+    /// # Cost of tracking
+    ///
+    /// With the feature, every `DevicePage` made and dropped registers and
+    /// removes a record in one of the pool's per-CPU shards (a short lock
+    /// each, `O(1)`), and an allocation or lookup also records its pool
+    /// reference (see [`PercpuRef::holders`]). Under callgrind
+    /// (`scripts/zero-cost.sh`, `RUST_LIB_BACKTRACE=0`) a clone and a
+    /// lookup of a held page, both dropped, go from 399 to 1,549
+    /// instructions, an `alloc` and drop from 554 to 1,520. **With
+    /// `RUST_BACKTRACE` set, every page handle captures a backtrace**
+    /// (`RUST_LIB_BACKTRACE=0` keeps panic backtraces without that).
+    /// Without the feature nothing is recorded, and pages run the same
+    /// instructions as a build without the tracking code.
+    ///
+    /// ```
+    /// use percpu_ref::DevicePagePool;
+    /// use std::time::Duration;
+    ///
+    /// let pool = DevicePagePool::anonymous(4 * 4096)?;
+    /// let leaked = pool.alloc_tagged("compaction")?;
+    /// let shutdown = pool.shutdown();
+    /// let stuck = shutdown.wait_timeout(Duration::from_millis(1)).unwrap_err();
+    /// eprintln!("{stuck}"); // names page, thread and label with `track`
+    /// if pool.holders().is_tracked() {
+    ///     assert!(stuck.to_string().contains("label compaction"));
+    /// }
+    /// # drop(leaked);
+    /// # Ok::<(), percpu_ref::PoolError>(())
+    /// ```
+    pub fn holders(&self) -> Holders {
+        self.shared.page_holders()
     }
 
     /// Has [`shutdown`](Self::shutdown) been called?

@@ -6,6 +6,7 @@ use super::options::{Backend, PersistMethod};
 use super::region::Region;
 use super::shared::Shared;
 use crate::percpu::policy::{Completion, CompletionFuture};
+use crate::percpu::Holders;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::path::PathBuf;
@@ -113,12 +114,13 @@ impl ShutdownHandle {
     }
 
     /// Block until complete or `timeout` passed; on timeout, which pages
-    /// are still held.
+    /// are still held, and by whom.
     ///
     /// # Errors
     ///
     /// [`StillHeld`] with the number and indices of the pages still
-    /// referenced when the time ran out.
+    /// referenced when the time ran out and, with the `track` feature,
+    /// their holders: its `Display` is a leak report.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<ShutdownReport, StillHeld> {
         if self.done().wait_timeout(timeout) {
             return Ok(self.shared.report());
@@ -132,12 +134,19 @@ impl ShutdownHandle {
             path: self.shared.path(),
             count: indices.len(),
             indices,
+            holders: self.shared.page_holders(),
         })
     }
 
     /// Page indices still referenced (a snapshot).
     pub fn held(&self) -> Vec<usize> {
         self.shared.held_indices()
+    }
+
+    /// Who holds the pool's pages (feature `track`; see
+    /// [`DevicePagePool::holders`](crate::DevicePagePool::holders)).
+    pub fn holders(&self) -> Holders {
+        self.shared.page_holders()
     }
 
     /// A future that resolves to the report when complete; works with any
