@@ -227,7 +227,10 @@ impl Run {
                 let off = off as usize % ps;
                 let unique = self.m.pages[i].count == 1;
                 if self.m.optimistic {
-                    assert!(page.as_mut_slice().is_none(), "&mut [u8] in an optimistic pool");
+                    assert!(
+                        page.as_mut_slice().is_none(),
+                        "&mut [u8] in an optimistic pool"
+                    );
                     match page.writer() {
                         Some(mut w) => {
                             assert!(unique, "writer on a shared page {i}");
