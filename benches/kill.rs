@@ -25,6 +25,15 @@
 //! `membarrier` interrupts them, but the killed refs are idle: a typical
 //! unmount).
 //!
+//! Shutdown of [`POOLS`] device page pools (`dax` feature), each with one
+//! page still held (so the timed part is the shutdown itself, not the
+//! unmap that follows the last page), with 0, 1 and all other cores busy
+//! on a ref of their own:
+//!
+//! * `one_by_one`: `DevicePagePool::shutdown` on each pool (one barrier
+//!   each);
+//! * `batched`: one `DevicePagePool::shutdown_all` (one barrier in total).
+//!
 //! A ratio summary (each ÷ one `membarrier`) is printed at the end. Run:
 //! `cargo bench --bench kill`.
 
@@ -354,6 +363,110 @@ fn kill_many(c: &mut Criterion, cores: &[core_affinity::CoreId]) {
     }
 }
 
+/// Pools shut down at once in the `shutdown_pools` groups.
+#[cfg(feature = "dax")]
+const POOLS: usize = 100;
+
+/// How the `shutdown_pools` groups start the shutdowns.
+#[cfg(feature = "dax")]
+#[derive(Clone, Copy)]
+enum PoolShutdown {
+    OneByOne,
+    Batched,
+}
+
+#[cfg(feature = "dax")]
+fn pools_group_name(busy: usize) -> String {
+    format!("shutdown{POOLS}_pools_busy_{busy}")
+}
+
+/// Time `iters` shutdowns of [`POOLS`] fresh pools, each with one page
+/// held, while `busy` threads do `tryget_live`+drop on refs of their own;
+/// returns the sum of the timed parts (from the first call until every
+/// pool refuses allocation). Pages and pools are dropped afterwards,
+/// untimed: that is where each pool is persisted and unmapped.
+#[cfg(feature = "dax")]
+fn measure_pools(
+    how: PoolShutdown,
+    busy: usize,
+    iters: u64,
+    cores: &[core_affinity::CoreId],
+) -> Duration {
+    use percpu_ref::{DevicePagePool, PoolError};
+    let stop = AtomicBool::new(false);
+    let started = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for i in 0..busy {
+            let (stop, started) = (&stop, &started);
+            s.spawn(move || {
+                if let Some(&core) = cores.get((i + 1) % cores.len().max(1)) {
+                    core_affinity::set_for_current(core);
+                }
+                let mine = PercpuRef::new((), NoRelease);
+                // Release: keeps the handshake obvious.
+                started.fetch_add(1, Release);
+                // Acquire: pairs with the Release store below.
+                while !stop.load(Acquire) {
+                    drop(black_box(mine.tryget_live()));
+                }
+            });
+        }
+        // Acquire: pairs with the Release increment above.
+        spin_until(|| started.load(Acquire) == busy);
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let pools: Vec<DevicePagePool> = (0..POOLS)
+                .map(|_| DevicePagePool::anonymous(4 * 4096).expect("an anonymous pool"))
+                .collect();
+            let pages: Vec<_> = pools
+                .iter()
+                .map(|p| p.alloc().expect("a fresh pool has pages"))
+                .collect();
+            let t0 = Instant::now();
+            let handles = match how {
+                PoolShutdown::OneByOne => pools.iter().map(DevicePagePool::shutdown).collect(),
+                PoolShutdown::Batched => DevicePagePool::shutdown_all(&pools),
+            };
+            total += t0.elapsed();
+            assert!(
+                pools
+                    .iter()
+                    .all(|p| matches!(p.alloc(), Err(PoolError::ShuttingDown { .. }))),
+                "every pool refuses allocation"
+            );
+            drop(pages);
+            assert!(
+                handles.iter().all(|h| h.is_complete()),
+                "every pool drained"
+            );
+        }
+        // Release: pairs with the Acquire loads of the busy threads.
+        stop.store(true, Release);
+        total
+    })
+}
+
+#[cfg(feature = "dax")]
+fn shutdown_pools(c: &mut Criterion, cores: &[core_affinity::CoreId]) {
+    for busy in busy_counts(cores.len().max(1)) {
+        let mut g = c.benchmark_group(pools_group_name(busy));
+        // One by one costs ~POOLS barriers per iteration (~1.5 ms busy).
+        g.sample_size(10);
+        for (name, how) in [
+            ("one_by_one", PoolShutdown::OneByOne),
+            ("batched", PoolShutdown::Batched),
+        ] {
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| measure_pools(how, busy, iters, cores))
+            });
+        }
+        g.finish();
+    }
+}
+
+#[cfg(not(feature = "dax"))]
+fn shutdown_pools(_: &mut Criterion, _: &[core_affinity::CoreId]) {}
+
 /// One `membarrier(PRIVATE_EXPEDITED)`, after registering for it; `None`
 /// where the kernel (or OS) does not offer it.
 #[cfg(target_os = "linux")]
@@ -433,6 +546,8 @@ fn summary(results: &report::Results, cores: usize) {
         })
         .filter(|r| r.1.is_some() || r.2.is_some())
         .collect();
+    #[cfg(feature = "dax")]
+    pools_table(results, cores);
     if many.is_empty() {
         return;
     }
@@ -450,6 +565,39 @@ fn summary(results: &report::Results, cores: usize) {
         println!(
             "{:>16} {:>13} {:>13} {:>11} {:>17} {:>17}",
             format!("{busy} {on}"),
+            report::ns(one),
+            report::ns(batched),
+            report::ns(floor),
+            report::ratio(one, floor),
+            report::ratio(batched, floor),
+        );
+    }
+}
+
+#[cfg(feature = "dax")]
+fn pools_table(results: &report::Results, cores: usize) {
+    let rows: Vec<Row> = busy_counts(cores)
+        .into_iter()
+        .map(|busy| {
+            let t = |name| results.median_ns(&pools_group_name(busy), name);
+            let floor = results.median_ns(&group_name(busy), "membarrier");
+            (busy, t("one_by_one"), t("batched"), floor)
+        })
+        .filter(|r| r.1.is_some() || r.2.is_some())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("shutting down {POOLS} pools (one page held in each): median ns, this run only");
+    println!(
+        "{:>5} {:>13} {:>13} {:>11} {:>17} {:>19}",
+        "busy", "one by one", "batched", "membarrier", "one÷membarrier", "batched÷membarrier"
+    );
+    for (busy, one, batched, floor) in rows {
+        println!(
+            "{:>5} {:>13} {:>13} {:>11} {:>17} {:>19}",
+            busy,
             report::ns(one),
             report::ns(batched),
             report::ns(floor),
@@ -494,6 +642,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     kill(&mut c, &cores, floor);
     kill_many(&mut c, &cores);
+    shutdown_pools(&mut c, &cores);
     c.final_summary();
     summary(&results, cores.len().max(1));
 }

@@ -277,7 +277,7 @@ fn group(name: &str, threads: usize) -> String {
 type Make = Box<dyn Fn() -> Box<dyn Work>>;
 
 fn optimistic() -> PoolOptions {
-    PoolOptions::new().optimistic_reads(true)
+    PoolOptions::new().optimistic_reads()
 }
 
 fn mk<W: Work + 'static>(f: impl Fn() -> W + 'static) -> Make {

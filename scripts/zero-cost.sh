@@ -30,6 +30,15 @@
 #              without backtraces: run with RUST_LIB_BACKTRACE=0)
 # for a ref counting per CPU (`percpu`) and one in atomic mode (`atomic`).
 # off and untracked must execute the same number of instructions.
+#
+# Third check, holder tracking of a pool's pages (features `dax`, `track`):
+# the binary is examples/zero_cost_pool.rs, built the same three ways with
+# the default features (`dax`), for
+#   page       the hot path of an allocated page: a clone and a lookup of
+#              it, both dropped
+#   alloc      alloc + drop (the page takes and gives back its pool
+#              reference)
+# off and untracked must execute the same number of instructions.
 set -euo pipefail
 
 n=${1:-100000}
@@ -177,5 +186,50 @@ if [ "$status" -eq 0 ]; then
         "(percpu $((ploop[percpu-off] / n)), atomic $((ploop[atomic-off] / n)) instructions" \
         "per iteration; with tracking $((ploop[percpu-tracked] / n)) and" \
         "$((ploop[atomic-tracked] / n)))"
+fi
+
+# --- DevicePagePool page holder tracking ---------------------------------
+# Same three builds, with the default features (the pool needs `dax`).
+dbin="$target_dir/release/examples/zero_cost_pool"
+cargo build --quiet --release --example zero_cost_pool
+cp "$dbin" "$tmp/pool-off"
+CARGO_TARGET_DIR="$target_dir/zero-cost-untracked" RUSTFLAGS="${RUSTFLAGS:-} --cfg percpu_ref_untracked" \
+    cargo build --quiet --release --example zero_cost_pool
+cp "$target_dir/zero-cost-untracked/release/examples/zero_cost_pool" "$tmp/pool-untracked"
+cargo build --quiet --release --features track --example zero_cost_pool
+cp "$dbin" "$tmp/pool-tracked"
+
+pool_status=0
+declare -A dloop
+for v in page alloc; do
+    for b in off untracked tracked; do
+        one=$(RUST_LIB_BACKTRACE=0 ir "$v" "$n" "$tmp/pool-$b")
+        two=$(RUST_LIB_BACKTRACE=0 ir "$v" $((2 * n)) "$tmp/pool-$b")
+        dloop[$v-$b]=$((two - one))
+    done
+done
+echo "DevicePagePool page holder tracking (page: clone + lookup of an allocated page," \
+    "both dropped; alloc: alloc + drop):"
+for v in page alloc; do
+    printf '  %-8s feature off %8s   hooks compiled out %8s   feature on (info) %8s per %s iterations\n' \
+        "$v" "${dloop[$v-off]}" "${dloop[$v-untracked]}" "${dloop[$v-tracked]}" "$n"
+    if [ "${dloop[$v-off]}" -le "$((4 * n))" ]; then
+        echo "zero-cost: FAIL: pool $v: $n iterations cost only ${dloop[$v-off]} instructions;" \
+            "the loop was optimised away?" >&2
+        pool_status=1
+    elif [ "${dloop[$v-off]}" -ne "${dloop[$v-untracked]}" ]; then
+        echo "zero-cost: FAIL: pool $v: with the track feature off the workload executed" \
+            "${dloop[$v-off]} instructions per $n iterations, with the tracking code" \
+            "compiled out ${dloop[$v-untracked]}" >&2
+        pool_status=1
+    fi
+done
+if [ "$pool_status" -eq 0 ]; then
+    echo "zero-cost: OK: pool pages, track off == tracking compiled out" \
+        "(page $((dloop[page-off] / n)), alloc $((dloop[alloc-off] / n)) instructions" \
+        "per iteration; with tracking $((dloop[page-tracked] / n)) and" \
+        "$((dloop[alloc-tracked] / n)))"
+else
+    status=1
 fi
 exit "$status"

@@ -352,7 +352,7 @@ fn open_whole_device_matches_sysfs() {
     // its lock...
     let opts = PoolOptions::new()
         .page_size(d.align_usize())
-        .allow_file_fallback(true); // irrelevant for a device
+        .allow_file_fallback(); // irrelevant for a device
     let e = DevicePagePool::open(&d.path, &opts).unwrap_err();
     assert!(
         matches!(&e, PoolError::AlreadyOpen { path } if *path == d.path),
@@ -361,7 +361,7 @@ fn open_whole_device_matches_sysfs() {
     // ...and opened without the lock (the caller coordinates): 2 MiB
     // (alignment-sized) pages, alive at the same time, its own mapping,
     // found by lookup, and the same bytes.
-    let big = DevicePagePool::open(&d.path, &opts.lock(false)).unwrap();
+    let big = DevicePagePool::open(&d.path, &opts.unlocked()).unwrap();
     assert_eq!(big.backend(), Backend::DevDax);
     assert_eq!(big.len() as u64, d.size);
     assert_eq!(big.page_count() as u64, d.size / d.align);
@@ -749,7 +749,7 @@ fn bad_input_returns_typed_errors_before_mapping() {
             .offset(a + KIB4 as u64)
             .page_size(a as usize),
     ] {
-        let off = o.get_offset();
+        let off = o.offset;
         let e = open(o);
         assert!(
             matches!(&e, PoolError::Unaligned { what: "offset", value, align, .. }
@@ -812,9 +812,9 @@ fn bad_input_returns_typed_errors_before_mapping() {
     // MAP_PRIVATE: refused (the kernel would say EINVAL), even when the
     // numbers are fine, and before they are looked at.
     for o in [
-        PoolOptions::new().map_private(true),
-        PoolOptions::new().map_private(true).size(a),
-        PoolOptions::new().map_private(true).size(a + 1),
+        PoolOptions::new().map_private(),
+        PoolOptions::new().map_private().size(a),
+        PoolOptions::new().map_private().size(a + 1),
     ] {
         let e = open(o);
         assert!(
@@ -1000,7 +1000,7 @@ fn a_device_is_opened_by_one_pool_at_a_time() {
     assert!(sd.is_complete());
     assert_eq!(dax_fds(&d), 0);
     // The unmap released it; and without the lock, two pools coexist.
-    let unlocked = PoolOptions::new().size(a).lock(false);
+    let unlocked = PoolOptions::new().size(a).unlocked();
     let low = DevicePagePool::open(&d.path, &unlocked).unwrap();
     let high = DevicePagePool::open(&d.path, &unlocked.offset(a)).unwrap();
     assert_eq!(dax_mappings(&d).len(), 2);
@@ -1071,7 +1071,7 @@ fn a_fork_child_gets_no_mapping_of_the_device() {
 #[ignore = "needs PERCPU_REF_DAX=/dev/daxX.Y (scripts/dax-vm.sh)"]
 fn optimistic_reads_of_device_pages() {
     let (_lock, d) = dax_or_skip!();
-    let opts = PoolOptions::new().size(d.align).optimistic_reads(true);
+    let opts = PoolOptions::new().size(d.align).optimistic_reads();
     let pool = DevicePagePool::open(&d.path, &opts).unwrap();
     let mut page = pool.alloc().unwrap();
     assert!(page.as_mut_slice().is_none());

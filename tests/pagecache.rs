@@ -20,6 +20,7 @@ fn small() -> Config {
         hot_readers: 2,
         hot_keys: 4,
         arc_baseline: true,
+        leak: None,
         verbose: false,
     }
 }
@@ -87,4 +88,37 @@ fn bad_configuration_is_an_error_not_a_panic() {
     };
     let e = engine::run(&cfg).unwrap_err();
     assert!(e.contains("pages >= 2 * keys"), "{e}");
+}
+
+/// `--leak`: one page left held on purpose is reported at the shutdown's
+/// timeout (with its thread and label under `track`), then let go, and
+/// every other invariant still holds.
+#[test]
+fn a_leaked_page_is_reported_then_the_shutdown_completes() {
+    let cfg = Config {
+        arc_baseline: false,
+        leak: Some(Duration::from_millis(200)),
+        ..small()
+    };
+    let out = check(&cfg);
+    let leak = out.leak.as_ref().expect("the leak was reported");
+    assert!(leak.indices.contains(&leak.page), "{}", leak.report);
+    assert_eq!(leak.tracked, cfg!(feature = "track"));
+    if leak.tracked {
+        assert!(
+            leak.report
+                .contains(&format!("page {}: 1 by thread 'compaction' (", leak.page))
+                && leak.report.contains("label compaction)"),
+            "{}",
+            leak.report
+        );
+    } else {
+        assert!(
+            leak.report
+                .contains("build percpu-ref with the `track` feature"),
+            "{}",
+            leak.report
+        );
+    }
+    assert!(out.drain_time >= Duration::from_millis(200));
 }

@@ -48,7 +48,7 @@ impl Drop for Scratch {
 }
 
 fn file_opts() -> PoolOptions {
-    PoolOptions::new().allow_file_fallback(true)
+    PoolOptions::new().allow_file_fallback()
 }
 
 fn is_root() -> bool {
@@ -585,7 +585,7 @@ fn lookup_finds_allocated_pages_only() {
 /// finds another inside its closure.
 #[test]
 fn lookups_never_trust_a_dead_pool_remembered_by_the_thread() {
-    let opts = PoolOptions::new().optimistic_reads(true);
+    let opts = PoolOptions::new().optimistic_reads();
     let a = DevicePagePool::anonymous_with(4 * PAGE, &opts).unwrap();
     let pa = a.alloc().unwrap();
     let a_addr = pa.as_ptr();
@@ -864,7 +864,8 @@ fn dropping_the_pool_without_a_shutdown_handle() {
     ));
 }
 
-/// A minimal executor: poll on this thread, park until woken.
+/// A minimal executor: poll on this thread, park until woken; fails if
+/// not woken within 30 s.
 fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     use std::task::{Context, Poll, Wake, Waker};
     struct Unpark(std::thread::Thread);
@@ -876,10 +877,15 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut fut = std::pin::pin!(fut);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match fut.as_mut().poll(&mut cx) {
             Poll::Ready(v) => return v,
-            Poll::Pending => std::thread::park(),
+            Poll::Pending => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "the future was never woken");
+                std::thread::park_timeout(left);
+            }
         }
     }
 }
@@ -1010,8 +1016,7 @@ fn concurrent_alloc_clone_drop_with_shutdown_in_the_middle() {
 // ------------------------------------------------------------ optimistic reads
 
 fn optimistic(pages: usize) -> DevicePagePool {
-    DevicePagePool::anonymous_with(pages * PAGE, &PoolOptions::new().optimistic_reads(true))
-        .unwrap()
+    DevicePagePool::anonymous_with(pages * PAGE, &PoolOptions::new().optimistic_reads()).unwrap()
 }
 
 #[test]
@@ -1108,7 +1113,7 @@ fn optimistic_read_api_and_errors() {
     );
     assert_eq!(
         e.to_string(),
-        "pool anonymous: optimistic reads need PoolOptions::optimistic_reads(true) (its pages may be written through &mut [u8])"
+        "pool anonymous: optimistic reads need PoolOptions::optimistic_reads() (its pages may be written through &mut [u8])"
     );
 
     // Shutting down: refused.
@@ -1360,7 +1365,7 @@ fn in_fork_child(child: impl FnOnce() -> i32) -> i32 {
 #[cfg(target_os = "linux")]
 #[cfg_attr(miri, ignore = "fork")]
 fn a_fork_child_gets_none_of_the_parents_anonymous_pages() {
-    let opts = PoolOptions::new().optimistic_reads(true);
+    let opts = PoolOptions::new().optimistic_reads();
     let pool = DevicePagePool::anonymous_with(4 * PAGE, &opts).unwrap();
     let mut page = pool.alloc().unwrap();
     page.writer().unwrap().fill(0xab);
@@ -1605,7 +1610,7 @@ fn a_file_is_opened_by_one_pool_at_a_time() {
         e.to_string(),
         format!(
             "{}: already opened by another pool (in this or another process); \
-             pools that coordinate themselves can set PoolOptions::lock(false)",
+             pools that coordinate themselves can open with PoolOptions::unlocked()",
             f.0.display()
         )
     );
@@ -1616,7 +1621,7 @@ fn a_file_is_opened_by_one_pool_at_a_time() {
     std::fs::remove_file(&link).unwrap();
     assert!(matches!(e, PoolError::AlreadyOpen { .. }), "{e:?}");
     // A private mapping conflicts with a shared one too.
-    let e = DevicePagePool::open(&f.0, &PoolOptions::new().map_private(true)).unwrap_err();
+    let e = DevicePagePool::open(&f.0, &PoolOptions::new().map_private()).unwrap_err();
     assert!(matches!(e, PoolError::AlreadyOpen { .. }), "{e:?}");
 
     // The lock lives as long as the mapping: a held page keeps it...
@@ -1632,7 +1637,7 @@ fn a_file_is_opened_by_one_pool_at_a_time() {
     drop(again);
 
     // Private pools of one file may coexist; a shared one may not join.
-    let private = PoolOptions::new().map_private(true);
+    let private = PoolOptions::new().map_private();
     let p1 = DevicePagePool::open(&f.0, &private).unwrap();
     let p2 = DevicePagePool::open(&f.0, &private).unwrap();
     let e = DevicePagePool::open(&f.0, &file_opts()).unwrap_err();
@@ -1641,7 +1646,7 @@ fn a_file_is_opened_by_one_pool_at_a_time() {
 
     // The explicit opt-out: both openers take no lock (and must keep
     // their pools apart themselves — here, disjoint halves of the file).
-    let unlocked = file_opts().lock(false).size(4 * PAGE as u64);
+    let unlocked = file_opts().unlocked().size(4 * PAGE as u64);
     let low = DevicePagePool::open(&f.0, &unlocked).unwrap();
     let high = DevicePagePool::open(&f.0, &unlocked.clone().offset(4 * PAGE as u64)).unwrap();
     assert_eq!((low.page_count(), high.page_count()), (4, 4));
@@ -1653,7 +1658,7 @@ fn a_file_is_opened_by_one_pool_at_a_time() {
 #[cfg_attr(miri, ignore = "needs the filesystem")]
 fn private_file_mapping_writes_nothing_back() {
     let f = Scratch::new("private", 4 * PAGE as u64);
-    let pool = DevicePagePool::open(&f.0, &PoolOptions::new().map_private(true)).unwrap();
+    let pool = DevicePagePool::open(&f.0, &PoolOptions::new().map_private()).unwrap();
     assert_eq!(pool.backend(), Backend::FilePrivate);
     let mut p = pool.alloc().unwrap();
     p.as_mut_slice().unwrap().fill(9);
@@ -1680,7 +1685,7 @@ fn dax_device() -> Option<PathBuf> {
 #[cfg_attr(miri, ignore = "needs a device")]
 fn devdax_bad_input() {
     let Some(dev) = dax_device() else { return };
-    let e = DevicePagePool::open(&dev, &PoolOptions::new().map_private(true)).unwrap_err();
+    let e = DevicePagePool::open(&dev, &PoolOptions::new().map_private()).unwrap_err();
     assert!(matches!(e, PoolError::PrivateDevDax { .. }), "{e:?}");
     let e = DevicePagePool::open(&dev, &PoolOptions::new().size(3 << 20)).unwrap_err();
     assert!(

@@ -21,7 +21,11 @@
 //! * at the end a **hot shutdown**: new lookups and allocations fail with
 //!   `PoolError::ShuttingDown`, the engine evicts its table, readers finish
 //!   their in-flight I/O on pages that stay valid, and the pool unmaps only
-//!   after the last page drops.
+//!   after the last page drops;
+//! * with `Config::leak`, a "compaction" thread allocates a page right
+//!   before the shutdown and forgets it: the shutdown's wait times out and
+//!   reports who holds what (`StillHeld`: thread and label with the `track`
+//!   feature), then the engine lets the page go and the shutdown completes.
 //!
 //! The same workloads run first with what a user would write for the same
 //! safety without this crate: `Arc` pages (an `ArcSwapOption` per table
@@ -31,7 +35,7 @@
 #![allow(dead_code, unreachable_pub)] // shared with the test, which uses a subset
 
 use arc_swap::ArcSwapOption;
-use percpu_ref::{DevicePage, DevicePagePool, PoolError, PoolOptions, ShutdownReport};
+use percpu_ref::{DevicePage, DevicePagePool, PoolError, PoolOptions, ShutdownReport, StillHeld};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
@@ -71,6 +75,9 @@ pub struct Config {
     pub hot_keys: usize,
     /// Run the baseline (`Arc` pages + rundown guard) phases first.
     pub arc_baseline: bool,
+    /// Leave one page held on purpose, and report the holders once the
+    /// shutdown has waited this long for it.
+    pub leak: Option<Duration>,
     /// Print progress and the timeline.
     pub verbose: bool,
 }
@@ -89,6 +96,7 @@ impl Default for Config {
             hot_readers: 4,
             hot_keys: 8,
             arc_baseline: true,
+            leak: None,
             verbose: true,
         }
     }
@@ -207,6 +215,23 @@ pub struct Outcome {
     pub total_pages: usize,
     pub report: Option<ShutdownReport>,
     pub timeline: Vec<(Duration, String)>,
+    /// A leak was asked for (`Config::leak`).
+    pub leak_expected: bool,
+    /// The report of the leaked page, taken at the shutdown's timeout.
+    pub leak: Option<Leak>,
+}
+
+/// What the shutdown reported about the page leaked on purpose.
+#[derive(Debug)]
+pub struct Leak {
+    /// The leaked page's index.
+    pub page: usize,
+    /// `StillHeld`'s leak report.
+    pub report: String,
+    /// Did the report name holders (the `track` feature)?
+    pub tracked: bool,
+    /// Pages the report named.
+    pub indices: Vec<usize>,
 }
 
 impl Outcome {
@@ -239,6 +264,20 @@ impl Outcome {
         }
         if self.report.is_none() {
             p.push("shutdown did not complete".into());
+        }
+        match (&self.leak, self.leak_expected) {
+            (None, true) => p.push("the leaked page was never reported".into()),
+            (Some(l), _) if !l.indices.contains(&l.page) => p.push(format!(
+                "the leak report names pages {:?}, not the leaked page {}",
+                l.indices, l.page
+            )),
+            (Some(l), _) if l.tracked && !l.report.contains("thread 'compaction'") => {
+                p.push(format!(
+                    "the leak report does not name the leaking thread: {}",
+                    l.report
+                ))
+            }
+            _ => {}
         }
         p.extend(self.unexpected_errors.iter().cloned());
         p
@@ -818,7 +857,7 @@ fn open_pool(cfg: &Config) -> Result<DevicePagePool, String> {
     // `DevicePage::writer`.
     let opts = PoolOptions::new()
         .page_size(cfg.page_size)
-        .optimistic_reads(true);
+        .optimistic_reads();
     let r = match &cfg.source {
         Source::Anonymous => DevicePagePool::anonymous_with(size, &opts),
         Source::Dax(path) => DevicePagePool::open(path, &opts.size(size as u64)),
@@ -835,7 +874,7 @@ fn open_pool(cfg: &Config) -> Result<DevicePagePool, String> {
                 f.set_len(size as u64)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
             }
-            DevicePagePool::open(path, &opts.size(size as u64).allow_file_fallback(true))
+            DevicePagePool::open(path, &opts.size(size as u64).allow_file_fallback())
         }
     };
     r.map_err(|e| e.to_string())
@@ -955,6 +994,10 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
         }
         let t_run = t_start.elapsed();
 
+        // A page a background thread forgets (`--leak`): it is still held
+        // when the shutdown's wait runs out.
+        let mut leaked = cfg.leak.and_then(|_| leak_a_page(&cache.pool, &c));
+
         // ---- hot shutdown, readers still holding pages
         let t0 = Instant::now();
         out.held_at_shutdown = cache.held_total() as usize;
@@ -999,7 +1042,27 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
                 Err(still) => {
                     if still.count != last_held {
                         last_held = still.count;
-                        out.mark(t0, format!("{} pages still held", still.count), cfg.verbose);
+                        let pages = if still.count == 1 { "page" } else { "pages" };
+                        out.mark(
+                            t0,
+                            format!("{} {pages} still held", still.count),
+                            cfg.verbose,
+                        );
+                    }
+                    let timed_out = cfg.leak.is_some_and(|limit| t0.elapsed() >= limit);
+                    if let (Some(page), true) = (leaked.as_ref(), timed_out) {
+                        out.leak = Some(report_leak(page.index(), &still));
+                        out.mark(
+                            t0,
+                            format!(
+                                "the wait timed out with page {} still held (leak report below)",
+                                page.index()
+                            ),
+                            cfg.verbose,
+                        );
+                        // Let go of it: the shutdown can complete now.
+                        drop(leaked.take());
+                        out.mark(t0, "the leaked page was let go", cfg.verbose);
                     }
                     if t0.elapsed() > Duration::from_secs(30) {
                         c.errors
@@ -1064,5 +1127,37 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
     out.refused_after_shutdown = c.refused.load(Relaxed);
     out.unexpected_errors.extend(c.errors.into_inner().unwrap());
     out.pages_allocated = cache.allocated.load(Relaxed);
+    out.leak_expected = cfg.leak.is_some();
     Ok(out)
+}
+
+/// Allocate a page on a thread named `compaction`, labelled `compaction`,
+/// and hand it back: the engine then holds it without counting it, as a
+/// forgotten reference would be.
+fn leak_a_page(pool: &DevicePagePool, c: &Counters) -> Option<DevicePage> {
+    let r = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("compaction".into())
+            .spawn_scoped(s, || pool.alloc_tagged("compaction"))
+            .map_err(|e| e.to_string())?
+            .join()
+            .map_err(|_| "the compaction thread panicked".to_string())?
+            .map_err(|e| e.to_string())
+    });
+    match r {
+        Ok(page) => Some(page),
+        Err(e) => {
+            c.errors.lock().unwrap().push(format!("leak: {e}"));
+            None
+        }
+    }
+}
+
+fn report_leak(page: usize, still: &StillHeld) -> Leak {
+    Leak {
+        page,
+        report: still.to_string(),
+        tracked: still.holders.is_tracked(),
+        indices: still.indices.clone(),
+    }
 }

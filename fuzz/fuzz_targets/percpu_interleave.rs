@@ -5,20 +5,22 @@
 //!   possible), each with its own op list; the input's schedule picks which
 //!   thread runs its next *whole* operation. Deterministic per input; the
 //!   oracle is the full sequential model, as in `percpu_ops`, and references
-//!   move freely between threads (got on one CPU, put on another).
-//! * `Free`: a controller thread (kill, kill_and_confirm, mode switches,
-//!   revive) and two worker threads (tryget, tryget_live, clone, drop, use,
-//!   get_many/put_many) run their op lists at the same time, really
-//!   concurrently. The oracle is invariants only: exactly-once release per
-//!   drained kill, no release while any reference is held, no use after
-//!   release, `tryget_live` fails once a confirm callback was seen, `tryget`
-//!   succeeds while the caller holds a reference.
+//!   move freely between threads (got on one CPU, put on another). Besides
+//!   the `percpu_ops` operations, a step may be a batched kill
+//!   (`KillBatch`) of the ref, alone or with a second, fresh ref.
+//! * `Free`: a controller thread (kill, kill_and_confirm, batched kills,
+//!   mode switches, revive) and two worker threads (tryget, tryget_live,
+//!   clone, drop, use, get_many/put_many) run their op lists at the same
+//!   time, really concurrently. The oracle is invariants only: exactly-once
+//!   release per drained kill, no release while any reference is held, no
+//!   use after release, `tryget_live` fails once a confirm callback was
+//!   seen, `tryget` succeeds while the caller holds a reference.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use percpu_ref::{KillError, Mode, PercpuRef, Ref, ReleasePolicy, ReviveError};
-use percpu_ref_fuzz::harness::{pool, Harness, OnPool, Op, Setup, POOL_THREADS};
+use percpu_ref::{KillBatch, KillError, Mode, PercpuRef, Ref, ReleasePolicy, ReviveError};
+use percpu_ref_fuzz::harness::{pool, BatchKill, Harness, OnPool, Op, Setup, POOL_THREADS};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};
 
@@ -31,19 +33,28 @@ enum Input {
     Free(Free),
 }
 
-/// Per-thread op lists and a schedule (thread choices; once it runs out,
-/// round-robin).
+/// One step of a scheduled thread.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Step {
+    /// A `percpu_ops` operation.
+    Op(Op),
+    /// A batched kill of the ref (with a second ref, or the ref twice).
+    Batch(BatchKill),
+}
+
+/// Per-thread step lists and a schedule (thread choices; once it runs
+/// out, round-robin).
 #[derive(Arbitrary, Debug)]
 struct Scheduled {
     setup: Setup,
-    threads: [Vec<Op>; THREADS],
+    threads: [Vec<Step>; THREADS],
     schedule: Vec<u8>,
 }
 
 fn run_scheduled(input: &Scheduled) {
     let (shared, arc) = input.setup.build();
     let mut h = Harness::new(&input.setup, shared, &arc, OnPool);
-    let lists: Vec<&[Op]> = input
+    let lists: Vec<&[Step]> = input
         .threads
         .iter()
         .map(|l| &l[..l.len().min(MAX_OPS)])
@@ -66,7 +77,10 @@ fn run_scheduled(input: &Scheduled) {
         else {
             break;
         };
-        h.step(t, lists[t][next[t]]);
+        match lists[t][next[t]] {
+            Step::Op(op) => h.step(t, op),
+            Step::Batch(b) => h.kill_batch(t, b),
+        }
         next[t] += 1;
     }
     h.finish();
@@ -77,6 +91,15 @@ fn run_scheduled(input: &Scheduled) {
 enum CtlOp {
     Kill,
     KillAndConfirm,
+    /// A `KillBatch` of the ref, with a second fresh ref if `second`,
+    /// confirmed if `confirm`: the ref's result and confirm as for
+    /// `Kill`/`KillAndConfirm` (the confirm also runs if the ref was dead
+    /// already, and then also stops later `tryget_live`s), the second
+    /// ref's release exactly once.
+    Batch {
+        confirm: bool,
+        second: bool,
+    },
     SwitchToAtomic,
     SwitchToPercpu,
     /// Without allow_reinit: `resurrect()`. With it: `reinit()` once the
@@ -283,6 +306,64 @@ fn controller(
                     confirmed_epoch = confirm;
                 } else {
                     assert_eq!(res, Err(KillError::AlreadyDead), "kill of a dead ref");
+                }
+            }
+            CtlOp::Batch { confirm, second } => {
+                let drained_before = st.kills - st.resurrected;
+                let was_live = st.live;
+                let other_released = Arc::new(AtomicU64::new(0));
+                let other = second.then(|| {
+                    let n = Arc::clone(&other_released);
+                    PercpuRef::new(7u32, move |_: &u32| {
+                        n.fetch_add(1, SeqCst);
+                    })
+                });
+                let mut batch = KillBatch::new();
+                batch.push(pr);
+                if let Some(o) = &other {
+                    batch.push(o);
+                }
+                let res = if confirm {
+                    batch.kill_and_confirm(|| {
+                        if was_live {
+                            assert_eq!(
+                                sh.releases.load(SeqCst),
+                                drained_before,
+                                "batch confirm: the release ran before confirm"
+                            );
+                        }
+                        assert!(
+                            pr.tryget_live().is_none(),
+                            "batch confirm: tryget_live succeeded"
+                        );
+                        if let Some(o) = &other {
+                            assert!(o.tryget_live().is_none(), "batch confirm: second ref");
+                            assert_eq!(other_released.load(SeqCst), 0, "second ref: early");
+                        }
+                        // Also when the ref was dead already: the batch's
+                        // confirm says the whole set is dead everywhere.
+                        sh.confirmed.store(true, SeqCst);
+                    })
+                } else {
+                    batch.kill()
+                };
+                if st.live {
+                    assert_eq!(res[0], Ok(()), "batch kill of a live ref");
+                    st.live = false;
+                    st.kills += 1;
+                    confirmed_epoch = confirm;
+                } else {
+                    assert_eq!(
+                        res[0],
+                        Err(KillError::AlreadyDead),
+                        "batch kill of a dead ref"
+                    );
+                    confirmed_epoch |= confirm;
+                }
+                if let Some(o) = &other {
+                    assert_eq!(res[1], Ok(()), "batch kill of the second ref");
+                    assert!(o.is_zero(), "second ref drained");
+                    assert_eq!(other_released.load(SeqCst), 1, "second ref released once");
                 }
             }
             CtlOp::SwitchToAtomic => {

@@ -227,7 +227,10 @@ impl Run {
                 let off = off as usize % ps;
                 let unique = self.m.pages[i].count == 1;
                 if self.m.optimistic {
-                    assert!(page.as_mut_slice().is_none(), "&mut [u8] in an optimistic pool");
+                    assert!(
+                        page.as_mut_slice().is_none(),
+                        "&mut [u8] in an optimistic pool"
+                    );
                     match page.writer() {
                         Some(mut w) => {
                             assert!(unique, "writer on a shared page {i}");
@@ -496,9 +499,10 @@ fuzz_target!(|input: Input| {
     }
     let page_size = if input.big_pages { 8192 } else { 4096 };
     let n = 1 + input.pages as usize % 16;
-    let opts = PoolOptions::new()
-        .page_size(page_size)
-        .optimistic_reads(input.optimistic);
+    let mut opts = PoolOptions::new().page_size(page_size);
+    if input.optimistic {
+        opts = opts.optimistic_reads();
+    }
     let pool = DevicePagePool::anonymous_with(n * page_size, &opts).expect("anonymous pool");
     let base = pool.as_ptr() as usize;
     assert_eq!((pool.page_count(), pool.page_size()), (n, page_size));

@@ -7,7 +7,9 @@
 
 use crate::model::Model;
 use arbitrary::Arbitrary;
-use percpu_ref::{Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReleasePolicy, Tier};
+use percpu_ref::{
+    KillBatch, KillError, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReleasePolicy, Tier,
+};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
@@ -317,6 +319,54 @@ impl Setup {
     }
 }
 
+/// A batched kill of the harness's ref (`KillBatch`), alone or with a
+/// second, fresh ref of another type.
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchKill {
+    /// `kill_and_confirm` (else `kill`).
+    pub confirm: bool,
+    /// List the harness's ref a second time (its second entry must report
+    /// `AlreadyDead`).
+    pub twice: bool,
+    /// A second ref in the same batch.
+    pub second: Option<SecondRef>,
+}
+
+/// The second ref of a [`BatchKill`]: built fresh for the batch, checked
+/// for its own exactly-once release.
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecondRef {
+    /// `.portable()`.
+    pub portable: bool,
+    /// `.atomic()`.
+    pub atomic: bool,
+    /// Killed before the batch (the batch must report `AlreadyDead`).
+    pub dead: bool,
+    /// A raw reference held across the batch and put afterwards, on the
+    /// next executor (its release must wait for that put).
+    pub held: bool,
+}
+
+/// What the second ref's release policy checks and counts.
+#[derive(Debug, Default)]
+struct SecondShared {
+    releases: AtomicU64,
+    /// Raw references the harness holds on it.
+    held: AtomicI64,
+}
+
+#[derive(Debug, Clone)]
+struct SecondRelease(Arc<SecondShared>);
+
+impl ReleasePolicy<&'static str> for SecondRelease {
+    fn release(&self, value: &&'static str) {
+        assert_eq!(*value, "second", "release saw a different value");
+        let held = self.0.held.load(SeqCst);
+        assert_eq!(held, 0, "second ref: released while {held} references held");
+        self.0.releases.fetch_add(1, SeqCst);
+    }
+}
+
 /// The real ref, the model, and what the harness holds.
 #[derive(Debug)]
 pub struct Harness<'env, E> {
@@ -548,6 +598,151 @@ impl<'env, E: Exec<'env>> Harness<'env, E> {
                 assert_eq!(got, want, "kill result differs from the model");
             }
         }
+    }
+
+    /// A batched kill of the harness's ref ([`BatchKill`]) on executor
+    /// `t`, checked like [`Op::Kill`]/[`Op::KillAndConfirm`]: the same
+    /// result as the model's kill, the confirm callback's guarantees (it
+    /// runs even when the harness's ref was already dead: then the model
+    /// does not count it), every release exactly once; and the second
+    /// ref's own result and release.
+    pub fn kill_batch(&mut self, t: usize, b: BatchKill) {
+        let pr: &'env Pr = self.arc;
+        let mut after = self.model.clone();
+        let begin = after.kill_begin();
+        let rel_at_confirm = after.releases;
+        let count_at_confirm = after.count;
+        let counted = begin.is_ok();
+        let second = b.second.map(|s| {
+            let sh = Arc::new(SecondShared::default());
+            let mut builder = PercpuRef::builder("second").release(SecondRelease(Arc::clone(&sh)));
+            if s.portable {
+                builder = builder.portable();
+            }
+            if s.atomic {
+                builder = builder.atomic();
+            }
+            let r = Arc::new(builder.build());
+            if s.held {
+                sh.held.fetch_add(1, SeqCst);
+                // SAFETY: the owner's initial reference is held (not
+                // killed yet); put below, once.
+                unsafe { r.get_many(1) };
+            }
+            if s.dead {
+                assert_eq!(r.kill(), Ok(()), "second ref: kill before the batch");
+            }
+            (s, sh, r)
+        });
+        let shared = Arc::clone(&self.shared);
+        let in_batch = second
+            .as_ref()
+            .map(|(s, sh, r)| (*s, Arc::clone(sh), Arc::clone(r)));
+        let got = self.exec.run(t, move || {
+            let mut batch = KillBatch::new();
+            batch.push(pr);
+            if let Some((_, _, r)) = &in_batch {
+                batch.push(&**r);
+            }
+            if b.twice {
+                batch.push(pr);
+            }
+            if !b.confirm {
+                return batch.kill();
+            }
+            batch.kill_and_confirm(|| {
+                assert_eq!(
+                    shared.releases.load(SeqCst),
+                    rel_at_confirm,
+                    "batch confirm: release count differs (the release must come after confirm)"
+                );
+                assert!(pr.is_dying(), "batch confirm: not dying");
+                assert_eq!(
+                    pr.mode(),
+                    Mode::Atomic,
+                    "batch confirm: a killed ref is atomic"
+                );
+                assert!(
+                    pr.tryget_live().is_none(),
+                    "batch confirm: tryget_live succeeded"
+                );
+                // The batch confirms before it folds: a `tryget` may still
+                // count on the biased central count, so only its success
+                // while the true count of a ref killed here is positive is
+                // a guarantee.
+                let g = pr.tryget();
+                if counted && count_at_confirm > 0 {
+                    assert!(
+                        g.is_some(),
+                        "batch confirm: tryget must succeed while the initial reference is held"
+                    );
+                }
+                drop(g);
+                if let Some((s, sh, r)) = &in_batch {
+                    assert!(
+                        r.tryget_live().is_none(),
+                        "batch confirm: second tryget_live"
+                    );
+                    let early = u64::from(s.dead && !s.held);
+                    assert_eq!(
+                        sh.releases.load(SeqCst),
+                        early,
+                        "batch confirm: the second ref was released before confirm"
+                    );
+                }
+                if counted {
+                    shared.confirms.fetch_add(1, SeqCst);
+                }
+            })
+        });
+        let want_len = 1 + usize::from(second.is_some()) + usize::from(b.twice);
+        assert_eq!(got.len(), want_len, "one result per entry");
+        if b.twice {
+            assert_eq!(
+                got[want_len - 1],
+                Err(KillError::AlreadyDead),
+                "a ref listed twice is killed once"
+            );
+        }
+        match begin {
+            Err(e) => assert_eq!(got[0], Err(e), "batch kill of a dead ref"),
+            Ok(()) => {
+                self.model = after;
+                let want = self.model.kill_end(b.confirm);
+                self.model.kill_release();
+                assert_eq!(got[0], want, "batch kill result differs from the model");
+            }
+        }
+        if let Some((s, sh, r)) = second {
+            let want = if s.dead {
+                Err(KillError::AlreadyDead)
+            } else {
+                Ok(())
+            };
+            assert_eq!(got[1], want, "second ref's batch result");
+            assert!(r.is_dying() && r.tryget_live().is_none(), "second ref dead");
+            if s.held {
+                assert_eq!(
+                    sh.releases.load(SeqCst),
+                    0,
+                    "second ref released while held"
+                );
+                let r2 = Arc::clone(&r);
+                let sh2 = Arc::clone(&sh);
+                self.exec.run(t + 1, move || {
+                    sh2.held.fetch_sub(1, SeqCst);
+                    // SAFETY: the raw reference taken above, put once.
+                    unsafe { r2.put_many(1) };
+                });
+            }
+            assert_eq!(
+                sh.releases.load(SeqCst),
+                1,
+                "second ref released exactly once"
+            );
+            assert!(r.is_zero() && r.check().is_ok(), "second ref drained");
+        }
+        self.check_observables(b);
     }
 
     /// Compare every observable with the model.

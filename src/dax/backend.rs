@@ -367,9 +367,9 @@ mod imp {
         ))
     }
 
-    /// Take the pool's lock on `file` (see `PoolOptions::lock`).
+    /// Take the pool's lock on `file` (see `PoolOptions::unlocked`).
     fn lock(path: &Path, file: &File, opts: &PoolOptions) -> Result<(), PoolError> {
-        if !opts.lock {
+        if opts.unlocked {
             return Ok(());
         }
         match mem::try_lock(file.as_fd(), !opts.map_private) {
@@ -377,7 +377,7 @@ mod imp {
             Ok(false) => Err(PoolError::AlreadyOpen { path: path.into() }),
             Err(source) => Err(PoolError::Io {
                 path: path.into(),
-                op: "flock (PoolOptions::lock(false) opens without the lock)".into(),
+                op: "flock (PoolOptions::unlocked opens without the lock)".into(),
                 source,
             }),
         }
@@ -502,7 +502,7 @@ mod tests {
 
     #[test]
     fn devdax_refuses_map_private() {
-        let e = devdax(PoolOptions::new().map_private(true)).unwrap_err();
+        let e = devdax(PoolOptions::new().map_private()).unwrap_err();
         assert!(matches!(e, PoolError::PrivateDevDax { .. }));
         assert_eq!(
             e.to_string(),

@@ -1,5 +1,6 @@
 //! Typed errors of the device page pool.
 
+use crate::percpu::Holders;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -85,8 +86,8 @@ pub enum PoolError {
 
     /// Another pool (in this process or another) has the file or device
     /// open: its lock is held (see
-    /// [`PoolOptions::lock`](crate::PoolOptions::lock)).
-    #[error("{}: already opened by another pool (in this or another process); pools that coordinate themselves can set PoolOptions::lock(false)", .path.display())]
+    /// [`PoolOptions::unlocked`](crate::PoolOptions::unlocked)).
+    #[error("{}: already opened by another pool (in this or another process); pools that coordinate themselves can open with PoolOptions::unlocked()", .path.display())]
     AlreadyOpen {
         /// The path given to `open`.
         path: PathBuf,
@@ -239,7 +240,7 @@ pub enum PoolError {
     /// refuse it with EOPNOTSUPP). Set
     /// [`PoolOptions::allow_file_fallback`](crate::PoolOptions::allow_file_fallback)
     /// to use the `msync` file backend instead.
-    #[error("{}: MAP_SYNC mapping refused, so this file is not on a DAX filesystem; set PoolOptions::allow_file_fallback(true) to use the msync file backend", .path.display())]
+    #[error("{}: MAP_SYNC mapping refused, so this file is not on a DAX filesystem; set PoolOptions::allow_file_fallback() to use the msync file backend", .path.display())]
     FsDaxRefused {
         /// The file.
         path: PathBuf,
@@ -336,7 +337,7 @@ pub enum PoolError {
 
     /// An optimistic read of a pool opened without
     /// [`PoolOptions::optimistic_reads`](crate::PoolOptions::optimistic_reads).
-    #[error("pool {}: optimistic reads need PoolOptions::optimistic_reads(true) (its pages may be written through &mut [u8])", .path.display())]
+    #[error("pool {}: optimistic reads need PoolOptions::optimistic_reads() (its pages may be written through &mut [u8])", .path.display())]
     OptimisticReadsDisabled {
         /// The pool's path (or `anonymous`).
         path: PathBuf,
@@ -400,7 +401,20 @@ fn too_small(path: &Path, what: &str, available: u64, offset: u64, page_size: us
 }
 
 /// [`ShutdownHandle::wait_timeout`](crate::ShutdownHandle::wait_timeout)
-/// expired with pages still held: who still holds what.
+/// expired with pages still held: which, and (feature `track`) who holds
+/// them. Its `Display` is a leak report:
+///
+/// ```text
+/// shutdown of pool /dev/dax0.0 timed out: 2 pages still held (indices [3, 17]):
+///   page 3: 1 by thread 'main' (ThreadId(1))
+///   page 17: 2 by thread 'io-3' (ThreadId(4), label compaction) at:
+///    0: ...
+/// ```
+///
+/// one line per page and holder group (thread, label), with the backtrace
+/// of where its first reference was made when one was captured
+/// (`RUST_BACKTRACE`, `RUST_LIB_BACKTRACE`). Without the `track` feature it
+/// names the pages only, and says how to get the holders.
 ///
 /// ```
 /// use percpu_ref::DevicePagePool;
@@ -411,11 +425,11 @@ fn too_small(path: &Path, what: &str, available: u64, offset: u64, page_size: us
 /// let shutdown = pool.shutdown();
 /// let held = shutdown.wait_timeout(Duration::from_millis(1)).unwrap_err();
 /// assert_eq!((held.count, held.indices.as_slice()), (1, &[page.index()][..]));
+/// assert!(held.to_string().starts_with("shutdown of pool anonymous timed out: 1 page still held"));
 /// drop(page);
 /// assert!(shutdown.wait_timeout(Duration::from_millis(1)).is_ok());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("shutdown of pool {} timed out: {count} pages still held (indices {indices:?})", .path.display())]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct StillHeld {
     /// The pool's path (or `anonymous`).
@@ -424,4 +438,29 @@ pub struct StillHeld {
     pub count: usize,
     /// Their page indices, ascending.
     pub indices: Vec<usize>,
+    /// Who held them (feature `track`; a snapshot taken right after the
+    /// indices): one holder per `DevicePage`, see
+    /// [`DevicePagePool::holders`](crate::DevicePagePool::holders).
+    pub holders: Holders,
 }
+
+impl fmt::Display for StillHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pages = if self.count == 1 { "page" } else { "pages" };
+        write!(
+            f,
+            "shutdown of pool {} timed out: {} {pages} still held (indices {:?})",
+            self.path.display(),
+            self.count,
+            self.indices
+        )?;
+        if !self.holders.is_tracked() {
+            return f
+                .write_str("; build percpu-ref with the `track` feature to see who holds them");
+        }
+        f.write_str(":")?;
+        self.holders.fmt_lines(f)
+    }
+}
+
+impl std::error::Error for StillHeld {}

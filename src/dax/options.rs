@@ -7,8 +7,13 @@ pub const MIN_PAGE_SIZE: usize = 4096;
 
 /// How a [`DevicePagePool`](crate::DevicePagePool) is opened.
 ///
-/// Builder-style; every setting has a default that works for a whole
-/// device or file with 4 KiB pages.
+/// Built like [`PercpuRef::builder`](crate::PercpuRef::builder): every
+/// setting has a default that works for a whole device or file with 4 KiB
+/// pages; the numbers take a value (`.page_size(2 << 20)`), and every flag
+/// is a method without arguments that turns its behaviour on
+/// (`.optimistic_reads()`). Each setting is a public field of the same
+/// name, so a configuration reads back as `opts.page_size`; every flag
+/// field is `false` by default.
 ///
 /// ```
 /// use percpu_ref::PoolOptions;
@@ -17,20 +22,35 @@ pub const MIN_PAGE_SIZE: usize = 4096;
 ///     .page_size(2 << 20) // 2 MiB pages
 ///     .size(1 << 30) // only the first GiB...
 ///     .offset(0) // ...from the start
-///     .allow_file_fallback(true) // msync if the file is not on DAX
-///     .optimistic_reads(true) // DevicePagePool::read; pages written by DevicePage::writer
-///     .lock(true); // the default: no second pool over the same file
-/// assert_eq!(opts.get_page_size(), 2 << 20);
+///     .allow_file_fallback() // msync if the file is not on DAX
+///     .optimistic_reads(); // DevicePagePool::read; pages written by DevicePage::writer
+/// assert_eq!(opts.page_size, 2 << 20);
+/// assert_eq!(opts.size, Some(1 << 30));
+/// assert!(opts.optimistic_reads && !opts.unlocked); // locked: the default
 /// ```
+///
+/// The struct is `#[non_exhaustive]`: build it with [`PoolOptions::new`]
+/// (or `Default`), not with a struct literal, so that new settings can be
+/// added.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolOptions {
-    pub(crate) page_size: usize,
-    pub(crate) size: Option<u64>,
-    pub(crate) offset: u64,
-    pub(crate) allow_file_fallback: bool,
-    pub(crate) map_private: bool,
-    pub(crate) optimistic_reads: bool,
-    pub(crate) lock: bool,
+    /// Bytes per page ([`page_size`](Self::page_size)); default 4096.
+    pub page_size: usize,
+    /// Pool size in bytes, if set ([`size`](Self::size)); default: the
+    /// rest of the device or file.
+    pub size: Option<u64>,
+    /// Offset into the device or file ([`offset`](Self::offset)); default 0.
+    pub offset: u64,
+    /// Fall back to the `msync` file backend where fsdax is refused
+    /// ([`allow_file_fallback`](Self::allow_file_fallback)).
+    pub allow_file_fallback: bool,
+    /// Map copy-on-write ([`map_private`](Self::map_private)).
+    pub map_private: bool,
+    /// Allow optimistic reads ([`optimistic_reads`](Self::optimistic_reads)).
+    pub optimistic_reads: bool,
+    /// Take no lock on the file or device ([`unlocked`](Self::unlocked)).
+    pub unlocked: bool,
 }
 
 impl Default for PoolOptions {
@@ -42,14 +62,15 @@ impl Default for PoolOptions {
             allow_file_fallback: false,
             map_private: false,
             optimistic_reads: false,
-            lock: true,
+            unlocked: false,
         }
     }
 }
 
 impl PoolOptions {
     /// The defaults: 4 KiB pages, the whole device or file from offset 0,
-    /// fsdax refusal is an error, shared mapping.
+    /// fsdax refusal is an error, shared mapping, no optimistic reads, the
+    /// file locked for the pool's life.
     pub fn new() -> Self {
         Self::default()
     }
@@ -80,9 +101,9 @@ impl PoolOptions {
     /// DAX filesystem), use the file backend (`MAP_SHARED`, persisted with
     /// `msync`) instead of failing with
     /// [`PoolError::FsDaxRefused`](crate::PoolError::FsDaxRefused).
-    /// Default `false`: silently losing the DAX guarantees is opt-in.
-    pub fn allow_file_fallback(mut self, allow: bool) -> Self {
-        self.allow_file_fallback = allow;
+    /// Off by default: silently losing the DAX guarantees is opt-in.
+    pub fn allow_file_fallback(mut self) -> Self {
+        self.allow_file_fallback = true;
         self
     }
 
@@ -91,8 +112,8 @@ impl PoolOptions {
     /// dax refuses it with
     /// [`PoolError::PrivateDevDax`](crate::PoolError::PrivateDevDax).
     /// The file is then opened read-only.
-    pub fn map_private(mut self, private: bool) -> Self {
-        self.map_private = private;
+    pub fn map_private(mut self) -> Self {
+        self.map_private = true;
         self
     }
 
@@ -102,13 +123,18 @@ impl PoolOptions {
     /// sound, pages are written only through
     /// [`DevicePage::writer`](crate::DevicePage::writer) (atomic stores) and
     /// [`DevicePage::as_mut_slice`](crate::DevicePage::as_mut_slice) always
-    /// returns `None`. Default `false`.
-    pub fn optimistic_reads(mut self, allow: bool) -> Self {
-        self.optimistic_reads = allow;
+    /// returns `None`. Off by default.
+    pub fn optimistic_reads(mut self) -> Self {
+        self.optimistic_reads = true;
         self
     }
 
-    /// Lock the file or device for the pool's life (default `true`): an
+    /// Take no lock on the file or device, for users who coordinate the
+    /// openers themselves (e.g. disjoint [`offset`](Self::offset) ranges
+    /// of one device). Two pools over the same bytes are then the caller's
+    /// to keep apart.
+    ///
+    /// By default a pool locks its file or device for its life: an
     /// advisory `flock`, exclusive — or shared with
     /// [`map_private`](Self::map_private), so that private pools of one
     /// file can coexist but not with a shared one. A second
@@ -116,32 +142,13 @@ impl PoolOptions {
     /// file, in this process or another, then fails with
     /// [`PoolError::AlreadyOpen`](crate::PoolError::AlreadyOpen) instead of
     /// handing out the same bytes as another pool's pages. The lock is
-    /// released when the pool's memory is unmapped (its shutdown completed).
-    ///
-    /// `false` takes no lock, for users who coordinate the openers
-    /// themselves (e.g. disjoint [`offset`](Self::offset) ranges of one
-    /// device). Two pools over the same bytes are then the caller's to keep
-    /// apart. The lock is advisory and per file: another path to the same
+    /// released when the pool's memory is unmapped (its shutdown
+    /// completed). It is advisory and per file: another path to the same
     /// device node (a symbolic link) is the same file, but a second device
     /// node for the same device (`mknod`) is not.
-    pub fn lock(mut self, lock: bool) -> Self {
-        self.lock = lock;
+    pub fn unlocked(mut self) -> Self {
+        self.unlocked = true;
         self
-    }
-
-    /// The configured page size.
-    pub fn get_page_size(&self) -> usize {
-        self.page_size
-    }
-
-    /// The configured pool size, if set.
-    pub fn get_size(&self) -> Option<u64> {
-        self.size
-    }
-
-    /// The configured offset.
-    pub fn get_offset(&self) -> u64 {
-        self.offset
     }
 }
 

@@ -5,6 +5,8 @@ use super::pool::check_range;
 use super::seqlock;
 use super::shared::{PoolHook, ShardArc, Shared};
 use crate::page::PageRef;
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
+use crate::percpu::{hook, HolderKind, Token};
 use crate::sync::{AtomicU64, Ordering::*};
 use std::fmt;
 use std::ops::Range;
@@ -37,6 +39,17 @@ pub struct DevicePage {
     page: NonNull<PageRef<PoolHook>>,
     data: NonNull<u8>,
     index: u32,
+    /// The holder's record in the pool's page tracker (feature `track`;
+    /// zero-sized without it).
+    #[cfg(not(percpu_ref_untracked))]
+    holder: Token,
+    /// The build without the tracking code (`scripts/zero-cost.sh`'s
+    /// baseline) keeps a zero-sized field in its place: the mere presence
+    /// of one changes LLVM's code around the handle by a few instructions
+    /// (in either direction), which is not what the comparison is about.
+    #[cfg(percpu_ref_untracked)]
+    #[allow(dead_code)]
+    holder: (),
 }
 
 // SAFETY: a DevicePage is a counted reference (atomics only) plus shared
@@ -48,13 +61,22 @@ unsafe impl Send for DevicePage {}
 unsafe impl Sync for DevicePage {}
 
 impl DevicePage {
+    /// A new holder of page `index`, taken by this thread with `label`.
+    ///
     /// # Safety
     ///
     /// `shared` points to a live `Shared` whose page `index` is allocated,
     /// the caller owns one reference on it (moved into the result), and
     /// the page's allocation holds one strong count on `shard` (a shard of
     /// that pool).
-    pub(super) unsafe fn new(shared: *const Shared, shard: NonNull<ShardArc>, index: u32) -> Self {
+    #[inline]
+    #[allow(unused_variables)] // `label` without the tracking code
+    pub(super) unsafe fn new(
+        shared: *const Shared,
+        shard: NonNull<ShardArc>,
+        index: u32,
+        label: Option<&'static str>,
+    ) -> Self {
         // SAFETY: live (caller).
         let s = unsafe { &*shared };
         let page = NonNull::from(s.page(index as usize));
@@ -68,6 +90,10 @@ impl DevicePage {
             page,
             data,
             index,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: s.holders.take_page(index as usize, label),
+            #[cfg(percpu_ref_untracked)]
+            holder: (),
         }
     }
 
@@ -307,6 +333,13 @@ impl Clone for DevicePage {
             page: self.page,
             data: self.data,
             index: self.index,
+            #[cfg(not(percpu_ref_untracked))]
+            holder: self
+                .shared()
+                .holders
+                .clone_of(&self.holder, HolderKind::Page),
+            #[cfg(percpu_ref_untracked)]
+            holder: (),
         }
     }
 }
@@ -329,6 +362,9 @@ impl Drop for DevicePage {
             }
         }
 
+        // Before the put: once it is done, `Shared` may be gone (a put
+        // that is not the last one holds no count on it afterwards).
+        hook!(self.shared().holders.give_back(&self.holder));
         let shard = ShardCount(self.shard);
         // The page hook runs inside on 1→0 (free list, then pool put; that
         // put may persist and unmap the pool), and may panic. Nothing else

@@ -163,7 +163,7 @@ impl DevicePagePool {
     /// ```
     /// use percpu_ref::{DevicePagePool, PoolError, PoolOptions};
     ///
-    /// let opts = PoolOptions::new().optimistic_reads(true);
+    /// let opts = PoolOptions::new().optimistic_reads();
     /// let pool = DevicePagePool::anonymous_with(8 * 4096, &opts)?;
     /// let mut page = pool.alloc()?;
     /// page.writer().expect("a new page is unique").write(0, b"record 1")?;
@@ -202,7 +202,7 @@ impl DevicePagePool {
     ///
     /// ```
     /// use percpu_ref::{DevicePagePool, PoolOptions};
-    /// let pool = DevicePagePool::anonymous_with(4096, &PoolOptions::new().optimistic_reads(true))?;
+    /// let pool = DevicePagePool::anonymous_with(4096, &PoolOptions::new().optimistic_reads())?;
     /// let mut page = pool.alloc()?;
     /// page.writer().unwrap().write_u64(8, 42)?;
     /// assert_eq!(pool.read_page(page.index(), |v| v.read_u64(8))??, 42);
@@ -377,7 +377,7 @@ impl DevicePage {
     ///
     /// ```
     /// use percpu_ref::{DevicePagePool, PoolOptions};
-    /// let pool = DevicePagePool::anonymous_with(4096, &PoolOptions::new().optimistic_reads(true)).unwrap();
+    /// let pool = DevicePagePool::anonymous_with(4096, &PoolOptions::new().optimistic_reads()).unwrap();
     /// let mut page = pool.alloc().unwrap();
     /// assert!(page.as_mut_slice().is_none()); // never a `&mut [u8]` here
     /// let mut w = page.writer().unwrap();

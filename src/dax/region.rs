@@ -21,7 +21,7 @@ pub(crate) struct Region {
     path: PathBuf,
     mapped: AtomicBool,
     /// The open file whose advisory lock marks the file as in use by this
-    /// pool (`PoolOptions::lock`); closed right after the unmap.
+    /// pool (unless `PoolOptions::unlocked`); closed right after the unmap.
     file: Mutex<Option<File>>,
     /// `mem::forks()` and the process id when it was mapped: a different
     /// count later means this is a `fork()` child's copy.

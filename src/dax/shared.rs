@@ -55,7 +55,9 @@ use super::seqlock;
 use super::shutdown::ShutdownReport;
 use crate::page::{PageRef, PageRefHook};
 use crate::percpu::policy::{Completion, ReleasePolicy};
-use crate::percpu::{KillError, PercpuRef, Ref};
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
+use crate::percpu::Tracker;
+use crate::percpu::{Holders, KillError, PercpuRef, Ref};
 use crate::sync::{lock, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering::*};
 use crate::sys::cpu;
 use crossbeam_utils::CachePadded;
@@ -76,6 +78,12 @@ pub(crate) struct Shared {
     /// Opened with `PoolOptions::optimistic_reads`: pages are written only
     /// atomically (`PageWriter`), never through a `&mut [u8]`.
     pub(super) optimistic: bool,
+    /// Who holds each `DevicePage` (feature `track`; zero-sized without
+    /// it). Every `DevicePage` registers here when it is made (alloc,
+    /// lookup, clone) and removes itself in its drop *before* its put, while
+    /// its reference still keeps `Shared` alive.
+    #[cfg(not(percpu_ref_untracked))]
+    pub(super) holders: Tracker,
 }
 
 /// One page's metadata, alone on its cache line: pages in use on different
@@ -171,6 +179,15 @@ impl Shared {
     #[inline]
     pub(super) fn page(&self, i: usize) -> &PageRef<PoolHook> {
         &self.pages[i].page
+    }
+
+    /// Who holds pages now (a snapshot; empty and "not tracked" without
+    /// the `track` feature).
+    pub(super) fn page_holders(&self) -> Holders {
+        #[cfg(not(percpu_ref_untracked))]
+        return self.holders.holders();
+        #[cfg(percpu_ref_untracked)]
+        Holders::default()
     }
 
     pub(super) fn held_indices(&self) -> Vec<usize> {
@@ -508,6 +525,20 @@ mod tests {
         ));
         drop((pool, sd));
         assert!(meta.upgrade().is_none(), "the pool's shards were given up");
+    }
+
+    #[test]
+    fn a_page_handle_grows_only_by_its_holder_token_with_tracking() {
+        // Four pointers and the index; with the `track` feature also the
+        // holder's token (shard and slot). Without it the token is
+        // zero-sized: the handle is what it is without the tracking code.
+        let token = if cfg!(all(feature = "track", not(percpu_ref_untracked))) {
+            8
+        } else {
+            0
+        };
+        assert_eq!(std::mem::size_of::<crate::DevicePage>(), 40 + token);
+        assert_eq!(std::mem::size_of::<Option<crate::DevicePage>>(), 40 + token);
     }
 
     #[test]

@@ -52,15 +52,16 @@ use std::fmt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 /// Something a [`KillBatch`] can kill or switch to atomic mode: a
-/// [`PercpuRef`] of any value type and release policy, or a
-/// [`PercpuArc`] (its ref).
+/// [`PercpuRef`] of any value type and release policy, a [`PercpuArc`]
+/// (its ref), or a [`DevicePagePool`](crate::DevicePagePool) (its shutdown,
+/// see [`DevicePagePool::shutdown_all`](crate::DevicePagePool::shutdown_all)).
 ///
 /// Used as `&dyn Killable`, so one batch mixes refs of different `T` and
 /// `P`. The trait is **sealed**: a batch holds the switch locks of all its
 /// refs across the barrier and the confirm callback, and each member must
 /// follow the crate's lock, close, fold and put protocol exactly, which is
 /// not part of the public API. Wrap your own types by passing the refs
-/// they contain. (Other shutdown objects of this crate may implement it.)
+/// they contain.
 pub trait Killable: sealed::Phases {}
 
 pub(crate) mod sealed {
@@ -142,6 +143,42 @@ impl<T, P: ReleasePolicy<T>> sealed::Phases for PercpuArc<T, P> {
 }
 
 impl<T, P: ReleasePolicy<T>> Killable for PercpuArc<T, P> {}
+
+/// A pool in a batch is its "pgmap", the `PercpuRef` whose kill is the
+/// pool's shutdown: killing it is exactly
+/// [`DevicePagePool::shutdown`](crate::DevicePagePool::shutdown) (allocation,
+/// lookup and reads refused once the batch returns, held pages valid until
+/// dropped, then persist and unmap), and `AlreadyDead` reports a pool whose
+/// shutdown had started already. Switching it to atomic mode leaves the
+/// pool working, counting its pages on one shared counter.
+#[cfg(all(feature = "dax", not(percpu_ref_model)))]
+#[allow(private_interfaces)]
+impl sealed::Phases for crate::DevicePagePool {
+    fn batch_word(&self) -> &AtomicU32 {
+        self.pgmap().batch_word()
+    }
+    fn batch_kill_begin(&self) -> Result<Killing, KillError> {
+        self.pgmap().batch_kill_begin()
+    }
+    fn batch_switch_begin(&self) -> Killing {
+        self.pgmap().batch_switch_begin()
+    }
+    fn batch_needs_barrier(&self, k: &Killing) -> bool {
+        self.pgmap().batch_needs_barrier(k)
+    }
+    fn batch_fold(&self, k: &mut Killing) {
+        self.pgmap().batch_fold(k)
+    }
+    fn batch_put(&self, k: &mut Killing) -> Result<(), KillError> {
+        self.pgmap().batch_put(k)
+    }
+    fn batch_finish(&self, k: Killing) -> AfterPut {
+        self.pgmap().batch_finish(k)
+    }
+}
+
+#[cfg(all(feature = "dax", not(percpu_ref_model)))]
+impl Killable for crate::DevicePagePool {}
 
 /// A set of refs killed (or switched to atomic mode) together, paying
 /// **one** `membarrier` for all of them instead of one each.

@@ -38,6 +38,10 @@ pub use track::{holder_label, Holder, HolderKind, Holders, LabelScope};
 
 #[cfg(not(percpu_ref_model))]
 pub(crate) use slots::{arena_usage, slot_bytes_per_ref};
+/// Holder tracking for the pool's pages (`dax`).
+#[cfg(all(feature = "dax", not(percpu_ref_model)))]
+#[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
+pub(crate) use track::{hook, Token, Tracker};
 
 /// Where a [`PercpuRef`] counts right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

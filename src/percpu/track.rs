@@ -13,6 +13,14 @@
 //! `RUST_BACKTRACE`/`RUST_LIB_BACKTRACE` asks for one
 //! ([`Backtrace::capture`]).
 //!
+//! **Pages** (`dax`): each `DevicePage` of a pool — from `alloc`,
+//! `lookup` or a clone — registers the same kind of record, with its page
+//! index ([`HolderKind::Page`], [`Holder::page`]), in a tracker of the
+//! pool's own (`DevicePagePool::holders`; `alloc_tagged` and
+//! `lookup_tagged` give labels). The pool's `PercpuRef` records as any
+//! other: a raw reference per allocated page, a `Ref` per lookup or read
+//! in progress.
+//!
 //! **Raw references** (`get_many`/`put_many`, `into_raw`/`from_raw`) are
 //! not paired: a `put_many(n)` does not say which `get_many` it balances,
 //! and is often made by another thread (a pool frees on the thread that
@@ -38,8 +46,9 @@
 //! fast paths run the same instructions: `scripts/zero-cost.sh` compares
 //! callgrind instruction counts of a build with the feature off against a
 //! build with every tracking hook compiled out (`--cfg
-//! percpu_ref_untracked`). [`PercpuRef::holders`](crate::PercpuRef::holders)
-//! then reports that tracking is off.
+//! percpu_ref_untracked`), for refs and for a pool's pages.
+//! [`PercpuRef::holders`](crate::PercpuRef::holders) then reports that
+//! tracking is off.
 
 use std::backtrace::Backtrace;
 use std::fmt;
@@ -57,6 +66,8 @@ pub enum HolderKind {
     OwnedRef,
     /// Raw references (`get_many`, `into_raw`), counted in a ledger.
     Raw,
+    /// A `DevicePage` of a pool ([`Holder::page`] says which page).
+    Page,
 }
 
 /// One holder of references to a [`PercpuRef`](crate::PercpuRef), as
@@ -67,6 +78,8 @@ pub struct Holder {
     label: Option<&'static str>,
     kind: HolderKind,
     count: usize,
+    /// The page index, for a [`HolderKind::Page`].
+    page: Option<usize>,
     backtrace: Option<Arc<Backtrace>>,
 }
 
@@ -97,10 +110,16 @@ impl Holder {
         self.kind
     }
 
-    /// References it holds: 1 for a `Ref`/`OwnedRef`, the outstanding
-    /// part of a `get_many` for raw references.
+    /// References it holds: 1 for a `Ref`/`OwnedRef`/`DevicePage`, the
+    /// outstanding part of a `get_many` for raw references.
     pub fn count(&self) -> usize {
         self.count
+    }
+
+    /// The index of the page it holds, for a [`HolderKind::Page`] (a
+    /// `DevicePage` of a pool, see `DevicePagePool::holders`).
+    pub fn page(&self) -> Option<usize> {
+        self.page
     }
 
     /// Where it was taken, if a backtrace was asked for
@@ -110,13 +129,17 @@ impl Holder {
     }
 
     fn same_group(&self, other: &Holder) -> bool {
-        self.thread.id == other.thread.id && self.label == other.label && self.kind == other.kind
+        self.thread.id == other.thread.id
+            && self.label == other.label
+            && self.kind == other.kind
+            && self.page == other.page
     }
 }
 
 /// The holders of a ref's references at one moment: what
-/// [`PercpuRef::holders`](crate::PercpuRef::holders) returns. Its
-/// `Display` is a leak report:
+/// [`PercpuRef::holders`](crate::PercpuRef::holders) returns (and, for the
+/// pages of a pool, `DevicePagePool::holders`). Its `Display` is a leak
+/// report:
 ///
 /// ```text
 /// 2 references still held:
@@ -124,6 +147,7 @@ impl Holder {
 ///   1 raw by thread 'main' (ThreadId(1))
 /// ```
 ///
+/// (page holders read `page 17: 1 by thread ...`, by ascending page)
 /// followed, for each group, by the backtrace of its first holder when
 /// backtraces were captured.
 #[derive(Debug, Clone, Default)]
@@ -178,7 +202,16 @@ impl fmt::Display for Holders {
             1 => f.write_str("1 reference still held:")?,
             n => write!(f, "{n} references still held:")?,
         }
-        // Group by thread, label and kind, in order of first appearance.
+        self.fmt_lines(f)
+    }
+}
+
+impl Holders {
+    /// The report's lines, one per group of holders (same thread, label,
+    /// kind and page) in order of first appearance — page holders by
+    /// ascending page — each on a new line, with the backtrace of its
+    /// first holder when one was captured.
+    pub(crate) fn fmt_lines(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut groups: Vec<(&Holder, usize)> = Vec::new();
         for h in &self.holders {
             match groups.iter_mut().find(|(g, _)| g.same_group(h)) {
@@ -186,14 +219,20 @@ impl fmt::Display for Holders {
                 None => groups.push((h, h.count)),
             }
         }
+        // Stable: groups of one page stay in order of first appearance.
+        groups.sort_by_key(|(h, _)| h.page);
         for (h, count) in groups {
+            f.write_str("\n  ")?;
+            if let Some(page) = h.page {
+                write!(f, "page {page}: ")?;
+            }
             let raw = if h.kind == HolderKind::Raw {
                 " raw"
             } else {
                 ""
             };
             let name = h.thread_name().unwrap_or("<unnamed>");
-            write!(f, "\n  {count}{raw} by thread '{name}' ({:?}", h.thread.id)?;
+            write!(f, "{count}{raw} by thread '{name}' ({:?}", h.thread.id)?;
             if let Some(l) = h.label {
                 write!(f, ", label {l}")?;
             }
@@ -278,6 +317,11 @@ mod off {
             Token
         }
         #[inline(always)]
+        #[cfg_attr(not(feature = "dax"), allow(dead_code))]
+        pub(crate) fn take_page(&self, _page: usize, _label: Option<&'static str>) -> Token {
+            Token
+        }
+        #[inline(always)]
         pub(crate) fn clone_of(&self, _from: &Token, _kind: HolderKind) -> Token {
             Token
         }
@@ -338,13 +382,19 @@ mod on {
         slot: u32,
     }
 
-    fn record(kind: HolderKind, label: Option<&'static str>, count: usize) -> Holder {
+    fn record(
+        kind: HolderKind,
+        label: Option<&'static str>,
+        count: usize,
+        page: Option<usize>,
+    ) -> Holder {
         let bt = Backtrace::capture();
         Holder {
             thread: ME.with(Arc::clone),
             label: label.or_else(|| LABEL.with(std::cell::Cell::get)),
             kind,
             count,
+            page,
             backtrace: (bt.status() == BacktraceStatus::Captured).then(|| Arc::new(bt)),
         }
     }
@@ -390,16 +440,23 @@ mod on {
 
         /// Register a new holder on this thread.
         pub(crate) fn take(&self, kind: HolderKind, label: Option<&'static str>) -> Token {
-            self.insert(record(kind, label, 1))
+            self.insert(record(kind, label, 1, None))
+        }
+
+        /// Register a new holder of page `page` (a `DevicePage`) on this
+        /// thread.
+        #[cfg_attr(not(feature = "dax"), allow(dead_code))]
+        pub(crate) fn take_page(&self, page: usize, label: Option<&'static str>) -> Token {
+            self.insert(record(HolderKind::Page, label, 1, Some(page)))
         }
 
         /// Register the holder of a clone of `from`: this thread, the
-        /// scoped label, else `from`'s label.
+        /// scoped label, else `from`'s label; `from`'s page.
         pub(crate) fn clone_of(&self, from: &Token, kind: HolderKind) -> Token {
-            let inherited = lock(&self.shards[from.shard as usize]).slots[from.slot as usize]
+            let (label, page) = lock(&self.shards[from.shard as usize]).slots[from.slot as usize]
                 .as_ref()
-                .and_then(|h| h.label);
-            self.insert(record(kind, inherited.filter(|_| !scoped()), 1))
+                .map_or((None, None), |h| (h.label, h.page));
+            self.insert(record(kind, label.filter(|_| !scoped()), 1, page))
         }
 
         fn remove(&self, t: &Token) -> Option<Holder> {
@@ -426,7 +483,7 @@ mod on {
 
         /// `n` raw references taken on this thread.
         pub(crate) fn raw_get(&self, n: usize) {
-            let h = record(HolderKind::Raw, None, n);
+            let h = record(HolderKind::Raw, None, n, None);
             lock(&self.shards[self.here()]).raw.push_back(h);
         }
 
