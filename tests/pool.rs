@@ -1347,10 +1347,24 @@ fn in_fork_child(child: impl FnOnce() -> i32) -> i32 {
         // handlers or destructors.
         unsafe { libc::_exit(code) };
     }
+    // A child stuck on a lock some other parent thread held at the fork
+    // fails the test after a minute instead of hanging it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut status = 0;
-    // SAFETY: waits for our own child; `status` is a valid out-pointer.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(r, pid, "waitpid: {}", std::io::Error::last_os_error());
+    loop {
+        // SAFETY: polls our own child; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kills our own child (it has not been reaped).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the fork child did not finish within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {

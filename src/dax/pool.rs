@@ -376,8 +376,8 @@ impl DevicePagePool {
     ) -> Result<DevicePage, PoolError> {
         let a = addr as usize;
         // The pool is pinned (a pool reference) while this closure runs.
+        // `with_live_pool` refuses a fork child (`Forked`).
         registry::with_live_pool(a, |shared, start| {
-            shared.check_fork()?;
             let index = (a - start) >> shared.page_shift;
             let page_ref = shared.page(index);
             let mut tries = 0;

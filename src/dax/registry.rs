@@ -113,6 +113,8 @@ pub(crate) fn with_live_pool<R>(
         // SAFETY: the thread's entry holds an `Arc` of it, and only this
         // thread replaces the entry — not before the pin below is taken.
         let shared = unsafe { &*p };
+        // Before the pin: a fork child must not touch the parent's count.
+        shared.check_fork()?;
         if let Some(pin) = shared.pgmap.tryget_live() {
             // Live, so its range is mapped and it is the pool at `addr`.
             // The pin keeps `shared` alive even if `f` replaces the entry:
@@ -137,7 +139,9 @@ fn from_registry<R>(addr: usize, f: impl FnOnce(&Shared, usize) -> R) -> Result<
         forget(addr);
         return Err(PoolError::NotMapped { addr });
     };
-    // The registry snapshot keeps `e.pool` alive for this function.
+    // The registry snapshot keeps `e.pool` alive for this function. A
+    // fork child must not touch the parent's count: check before the pin.
+    e.pool.check_fork()?;
     let Some(pin) = e.pool.pgmap.tryget_live() else {
         forget(addr);
         return Err(e.pool.shutting_down());
