@@ -58,7 +58,7 @@ use percpu_ref::{
     KillError, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReleasePolicy, ReviveError,
 };
 use shuttle::scheduler::{Schedule, Scheduler, Task, TaskId};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
@@ -523,6 +523,9 @@ impl Shared {
 shuttle::thread_local! {
     /// Releases that ran on this (shuttle) thread.
     static RELEASES_HERE: Cell<u32> = const { Cell::new(0) };
+    /// The intervals of the `switch_to_atomic` calls re-entering releases
+    /// made on this thread, not yet in its history.
+    static RELEASE_SWITCHES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn releases_here() -> u32 {
@@ -586,9 +589,14 @@ impl ReleasePolicy<u64> for StepRelease {
             Policy::Reenter => {
                 let me = sh.me.load(SeqCst);
                 if !me.is_null() {
+                    let start = sh.tick();
                     // SAFETY: set once the ref is built; the allocation
                     // lives until this release has returned (and longer).
                     unsafe { &*me }.switch_to_atomic();
+                    let end = sh.tick();
+                    // Its own step of the history: a yield above lets
+                    // other threads' steps fall between the claim and it.
+                    RELEASE_SWITCHES.with(|v| v.borrow_mut().push((start, end)));
                 }
             }
         }
@@ -628,6 +636,9 @@ enum Ev {
     },
     SwitchToAtomic,
     SwitchToPercpu,
+    /// The `switch_to_atomic` of a re-entering release ([`Policy::Reenter`]),
+    /// after the step that ran the release, in its own interval.
+    ReleaseSwitch,
     /// `resurrect`; if it returned `Ok`, an [`Ev::ResurrectEnd`] follows.
     Resurrect(Result<(), ReviveError>),
     /// The second half of a successful `resurrect` of a dying ref (same
@@ -752,6 +763,24 @@ impl<'a> Worker<'a> {
     }
 
     fn op(&mut self, op: Op) {
+        self.op_steps(op);
+        self.push_release_switches();
+    }
+
+    /// The switches re-entering releases made during the last op, as steps
+    /// after it.
+    fn push_release_switches(&mut self) {
+        for (start, end) in RELEASE_SWITCHES.with(|v| std::mem::take(&mut *v.borrow_mut())) {
+            self.events.push(Event {
+                ev: Ev::ReleaseSwitch,
+                start,
+                end,
+                releases: 0,
+            });
+        }
+    }
+
+    fn op_steps(&mut self, op: Op) {
         let (sh, arc) = (self.sh, self.arc);
         let pr: &'a Pr = arc;
         match op {
@@ -991,6 +1020,7 @@ impl<'a> Worker<'a> {
         }
         if self.raw > 0 {
             self.put_raw(self.raw);
+            self.push_release_switches();
         }
     }
 }
@@ -1232,7 +1262,13 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
         }
         // A kill holds the switch lock from its begin to its end: nothing
         // that takes the lock linearizes in between.
-        Ev::SwitchToAtomic | Ev::SwitchToPercpu | Ev::Resurrect(_) | Ev::Reinit(_) if m.killing => {
+        Ev::SwitchToAtomic
+        | Ev::ReleaseSwitch
+        | Ev::SwitchToPercpu
+        | Ev::Resurrect(_)
+        | Ev::Reinit(_)
+            if m.killing =>
+        {
             false
         }
         // A revive waits for a claimed release to finish.
@@ -1241,7 +1277,7 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
             m.kill_release();
             true
         }
-        Ev::SwitchToAtomic => {
+        Ev::SwitchToAtomic | Ev::ReleaseSwitch => {
             m.switch_to_atomic();
             true
         }
@@ -1282,13 +1318,7 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
     // determined by a linearization: only the total is compared, at the end
     // (`Observed::releases`); exactly-once per life is checked by the
     // release itself.
-    if !ok || (!setup.misuse && m.releases - rel0 != u64::from(e.releases)) {
-        return false;
-    }
-    if setup.policy == Policy::Reenter && m.releases > rel0 {
-        m.switch_to_atomic();
-    }
-    true
+    ok && (setup.misuse || m.releases - rel0 == u64::from(e.releases))
 }
 
 fn observed(m: &Model) -> Observed {
