@@ -109,8 +109,13 @@ impl Model {
     /// `tryget()` (`live == false`) or `tryget_live()`.
     pub fn tryget(&mut self, live: bool) -> bool {
         if !self.atomic {
-            // Percpu mode: a slot add always succeeds (a percpu-mode ref is
-            // live and holds its initial reference).
+            // Percpu mode: a slot add always succeeds, except a
+            // `tryget_live` that sees a kill's DEAD before its fold (a
+            // percpu-mode ref is otherwise live and holds its initial
+            // reference).
+            if live && self.dead {
+                return false;
+            }
             self.count += 1;
             return true;
         }
@@ -176,17 +181,31 @@ impl Model {
     /// First half of `kill`/`kill_and_confirm`, up to the point where the
     /// confirm callback runs.
     pub fn kill_begin(&mut self) -> Result<(), KillError> {
+        self.kill_mark()?;
+        self.kill_fold();
+        Ok(())
+    }
+
+    /// The start of [`kill_begin`](Self::kill_begin): the ref is marked
+    /// dead (gets on the per-CPU slots still count there until the fold).
+    pub fn kill_mark(&mut self) -> Result<(), KillError> {
         if self.dead {
             return Err(KillError::AlreadyDead);
         }
         self.dead = true;
         self.killing = true;
+        Ok(())
+    }
+
+    /// The rest of [`kill_begin`](Self::kill_begin): a percpu-mode ref's
+    /// slots are folded into the central count, under the kill's lock.
+    pub fn kill_fold(&mut self) {
+        debug_assert!(self.killing);
         if !self.atomic {
             self.under_lock = true;
             self.fold();
             self.under_lock = false;
         }
-        Ok(())
     }
 
     /// Second half of a kill that passed [`kill_begin`](Self::kill_begin):

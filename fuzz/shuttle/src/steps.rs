@@ -38,16 +38,18 @@
 //!   result, and the releases that ran inside it) must have a linearization
 //!   that the sequential model of `fuzz/src/model.rs` accepts with the same
 //!   results, releases in the same ops, and the same final observables. A
-//!   `kill_and_confirm` is two model steps (the kill before the confirm,
-//!   the put after it), and so is a `resurrect` of a dying ref (its new
+//!   kill is steps too: marked dead, then (a percpu-mode ref) its slots
+//!   folded, so gets on the slots may fall between; then, after the
+//!   confirm of a `kill_and_confirm`, the initial put and the release it
+//!   claimed. So is a `resurrect` of a dying ref (its new
 //!   reference counts before DEAD is cleared, so a put in between cannot
 //!   reach zero while a `tryget_live` in between still fails; with puts
 //!   that take no lock, no order of the two avoids that). A `tryget_live`
 //!   overlapping a kill may succeed after it (the documented race the
 //!   confirm exists for), and with misuse so may a `tryget` (a slot still
 //!   counts until the drain reaches it, even when over-puts took the true
-//!   count below zero). A `reinit` is one step: it can clear DEAD while the
-//!   count is still zero and then publish the new count.
+//!   count below zero). A `reinit` is two steps: the new life published in
+//!   atomic mode, then its slots opened.
 //!
 //! Panics the code is meant to survive (a panicking confirm, a panicking
 //! release) are thrown as [`ExpectedPanic`], caught around the op, and
@@ -613,14 +615,17 @@ enum Ev {
     Clone,
     GetMany(u64),
     Put(u64),
-    /// The kill up to the confirm (the switch to atomic and the drain);
-    /// `ok`: not `AlreadyDead`. `joint`: a kill without a confirm, whose
-    /// three parts share one interval and whose releases are all counted
-    /// in its [`Ev::KillRelease`].
+    /// The kill marks the ref dead; `ok`: not `AlreadyDead`. `joint`: a
+    /// kill without a confirm, whose parts share one interval and whose
+    /// releases are all counted in its [`Ev::KillRelease`].
     KillBegin {
         ok: bool,
         joint: bool,
     },
+    /// After a successful [`Ev::KillBegin`] (same interval), up to the
+    /// confirm: the per-CPU slots are drained and folded into the central
+    /// count. Gets and puts on the slots may fall between the two.
+    KillFold,
     /// The put of the initial reference, after the confirm if one ran
     /// (`confirmed`); `result: None`: the kill panicked.
     KillEnd {
@@ -966,6 +971,12 @@ impl<'a> Worker<'a> {
                     },
                     start: t.start,
                     end: b,
+                    releases: 0,
+                });
+                self.events.push(Event {
+                    ev: Ev::KillFold,
+                    start: t.start,
+                    end: b,
                     releases: before,
                 });
                 self.events.push(Event {
@@ -993,6 +1004,12 @@ impl<'a> Worker<'a> {
                         ok: true,
                         joint: true,
                     },
+                    start: t.start,
+                    end: t.end,
+                    releases: 0,
+                });
+                self.events.push(Event {
+                    ev: Ev::KillFold,
                     start: t.start,
                     end: t.end,
                     releases: 0,
@@ -1253,7 +1270,11 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
             }
             true
         }
-        Ev::KillBegin { ok, .. } => m.kill_begin().is_ok() == *ok,
+        Ev::KillBegin { ok, .. } => m.kill_mark().is_ok() == *ok,
+        Ev::KillFold => {
+            m.kill_fold();
+            true
+        }
         Ev::KillEnd {
             result, confirmed, ..
         } => {
