@@ -43,6 +43,9 @@ pub struct Model {
     pub release_due: bool,
     /// Inside the kill's own fold or put (claims are deferred).
     under_lock: bool,
+    /// Between the two halves of a revive (the step checker of
+    /// `percpu_steps` splits them): the reviver holds the switch lock.
+    pub reviving: bool,
 }
 
 impl Model {
@@ -63,6 +66,7 @@ impl Model {
             killing: false,
             release_due: false,
             under_lock: false,
+            reviving: false,
         }
     }
 
@@ -200,7 +204,7 @@ impl Model {
     /// The rest of [`kill_begin`](Self::kill_begin): a percpu-mode ref's
     /// slots are folded into the central count, under the kill's lock.
     pub fn kill_fold(&mut self) {
-        debug_assert!(self.killing);
+        debug_assert!(self.killing, "kill_fold without kill_mark: {self:?}");
         if !self.atomic {
             self.under_lock = true;
             self.fold();

@@ -1270,6 +1270,8 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
             }
             true
         }
+        // A revive holds the switch lock across its two halves.
+        Ev::KillBegin { ok: true, .. } if m.reviving => false,
         Ev::KillBegin { ok, .. } => m.kill_mark().is_ok() == *ok,
         Ev::KillFold => {
             m.kill_fold();
@@ -1281,14 +1283,15 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
             let want = m.kill_end(*confirmed);
             same_kill(result, &want)
         }
-        // A kill holds the switch lock from its begin to its end: nothing
-        // that takes the lock linearizes in between.
+        // A kill holds the switch lock from its begin to its end, a revive
+        // across its two halves: nothing that takes the lock linearizes in
+        // between.
         Ev::SwitchToAtomic
         | Ev::ReleaseSwitch
         | Ev::SwitchToPercpu
         | Ev::Resurrect(_)
         | Ev::Reinit(_)
-            if m.killing =>
+            if m.killing || m.reviving =>
         {
             false
         }
@@ -1307,7 +1310,7 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
             true
         }
         Ev::Resurrect(r) => {
-            if m.dead && m.count > 0 {
+            let ok = if m.dead && m.count > 0 {
                 // inc_not_zero succeeds: the new reference counts at once,
                 // the ref stays dying until the ResurrectEnd. The new life
                 // gets its own release (misused puts may have run the old
@@ -1319,15 +1322,23 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
                 // A drained ref: a reinit, whose slots open at the
                 // ResurrectEnd.
                 !would_spin(m) && m.reinit_begin() == *r
-            }
+            };
+            m.reviving = ok && r.is_ok();
+            ok
         }
         Ev::ResurrectEnd => {
+            m.reviving = false;
             m.dead = false;
             m.reopen();
             true
         }
-        Ev::Reinit(r) => !would_spin(m) && m.reinit_begin() == *r,
+        Ev::Reinit(r) => {
+            let ok = !would_spin(m) && m.reinit_begin() == *r;
+            m.reviving = ok && r.is_ok();
+            ok
+        }
         Ev::ReinitEnd => {
+            m.reviving = false;
             m.reopen();
             true
         }
