@@ -24,14 +24,16 @@
 
 #[path = "contenders/report.rs"]
 mod report;
+#[path = "contenders/run.rs"]
+mod run;
 
 use arc_swap::ArcSwap;
 use criterion::{Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
 use percpu_ref::{DevicePage, DevicePagePool, PoolOptions};
+use run::{cores, pin, run_pinned, Counter};
 use std::hint::black_box;
-use std::sync::{Barrier, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
 
 const PAGES: usize = 1024;
 const PAGE: usize = 4096;
@@ -39,11 +41,6 @@ const PAGE: usize = 4096;
 const P0: usize = 256;
 /// Bytes a read copies out.
 const READ: usize = 64;
-
-/// One workload under test: `iters` operation pairs as worker `worker`.
-trait Work: Sync {
-    fn run(&self, worker: usize, iters: u64);
-}
 
 /// Which page worker `w` uses.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -67,7 +64,7 @@ impl Spread {
 
 struct PoolAlloc(DevicePagePool);
 
-impl Work for PoolAlloc {
+impl Counter for PoolAlloc {
     fn run(&self, _w: usize, iters: u64) {
         for _ in 0..iters {
             let page = self.0.alloc().expect("a free page");
@@ -78,7 +75,7 @@ impl Work for PoolAlloc {
 
 struct MutexVec(Mutex<Vec<u32>>);
 
-impl Work for MutexVec {
+impl Counter for MutexVec {
     fn run(&self, _w: usize, iters: u64) {
         for _ in 0..iters {
             let i = self.0.lock().unwrap().pop().expect("a free page");
@@ -90,7 +87,7 @@ impl Work for MutexVec {
 
 struct Queue(ArrayQueue<u32>);
 
-impl Work for Queue {
+impl Counter for Queue {
     fn run(&self, _w: usize, iters: u64) {
         for _ in 0..iters {
             let i = self.0.pop().expect("a free page");
@@ -129,7 +126,7 @@ impl FullPool {
 
 struct PoolLookup(FullPool, Spread);
 
-impl Work for PoolLookup {
+impl Counter for PoolLookup {
     fn run(&self, w: usize, iters: u64) {
         let addr = self.0.addr(self.1.page(w));
         for _ in 0..iters {
@@ -154,7 +151,7 @@ impl ArcTable {
     }
 }
 
-impl Work for ArcTable {
+impl Counter for ArcTable {
     fn run(&self, w: usize, iters: u64) {
         let slot = &self.0[self.1.page(w)];
         for _ in 0..iters {
@@ -168,7 +165,7 @@ impl Work for ArcTable {
 /// The read contender: an `ArcSwap` guard (no `Arc` count), bytes copied out.
 struct ArcGuardRead(ArcTable);
 
-impl Work for ArcGuardRead {
+impl Counter for ArcGuardRead {
     fn run(&self, w: usize, iters: u64) {
         let slot = &self.0 .0[self.0 .1.page(w)];
         let mut buf = [0u8; READ];
@@ -183,7 +180,7 @@ impl Work for ArcGuardRead {
 /// The scoped optimistic read by address (registry, pin, version check).
 struct PoolRead(FullPool, Spread);
 
-impl Work for PoolRead {
+impl Counter for PoolRead {
     fn run(&self, w: usize, iters: u64) {
         let addr = self.0.addr(self.1.page(w));
         let mut buf = [0u8; READ];
@@ -199,7 +196,7 @@ impl Work for PoolRead {
 /// The same read by page index on the pool handle: no registry.
 struct PoolReadPage(FullPool, Spread);
 
-impl Work for PoolReadPage {
+impl Counter for PoolReadPage {
     fn run(&self, w: usize, iters: u64) {
         let page = self.1.page(w);
         let mut buf = [0u8; READ];
@@ -219,7 +216,7 @@ impl Work for PoolReadPage {
 /// lower every 2-thread number by as much).
 struct Floor;
 
-impl Work for Floor {
+impl Counter for Floor {
     fn run(&self, w: usize, iters: u64) {
         let mut x = black_box(w as u64 + 1);
         for i in 0..iters * 16 {
@@ -231,56 +228,19 @@ impl Work for Floor {
     }
 }
 
-// ------------------------------------------------------------ harness
-
-fn pin(cores: &[core_affinity::CoreId], i: usize) -> bool {
-    !cores.is_empty() && core_affinity::set_for_current(cores[i % cores.len()])
-}
-
-/// `iters` pairs on each of `threads` workers started together; the
-/// slowest worker's time. Worker 0 is the calling thread.
-fn run(work: &dyn Work, threads: usize, iters: u64, cores: &[core_affinity::CoreId]) -> Duration {
-    if threads <= 1 {
-        let t0 = Instant::now();
-        work.run(0, iters);
-        return t0.elapsed();
-    }
-    let barrier = Barrier::new(threads);
-    let timed = |w: usize| {
-        barrier.wait();
-        let t0 = Instant::now();
-        work.run(w, iters);
-        t0.elapsed()
-    };
-    std::thread::scope(|s| {
-        let others: Vec<_> = (1..threads)
-            .map(|w| {
-                let timed = &timed;
-                s.spawn(move || {
-                    pin(cores, w);
-                    timed(w)
-                })
-            })
-            .collect();
-        let mine = timed(0);
-        others
-            .into_iter()
-            .map(|h| h.join().expect("worker panicked"))
-            .fold(mine, Duration::max)
-    })
-}
+// ------------------------------------------------------------ plan
 
 fn group(name: &str, threads: usize) -> String {
     format!("{name}_{threads}t")
 }
 
-type Make = Box<dyn Fn() -> Box<dyn Work>>;
+type Make = Box<dyn Fn() -> Box<dyn Counter>>;
 
 fn optimistic() -> PoolOptions {
     PoolOptions::new().optimistic_reads()
 }
 
-fn mk<W: Work + 'static>(f: impl Fn() -> W + 'static) -> Make {
+fn mk<W: Counter + 'static>(f: impl Fn() -> W + 'static) -> Make {
     Box::new(move || Box::new(f()))
 }
 
@@ -354,7 +314,7 @@ fn plan() -> Vec<Group> {
 
 fn main() {
     let results = report::Results::start();
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cores = cores();
     if !pin(&cores, 0) {
         eprintln!("warning: could not pin the benchmark thread; results are unpinned");
     }
@@ -366,7 +326,7 @@ fn main() {
             for (who, make) in &contenders {
                 let work = make();
                 g.bench_function(*who, |b| {
-                    b.iter_custom(|iters| run(&*work, t, iters, &cores))
+                    b.iter_custom(|iters| run_pinned(&*work, t, iters, &cores))
                 });
             }
             g.finish();

@@ -19,62 +19,55 @@ use percpu_ref::{NoHook, PageRef, PageRefHook, PercpuRef, PercpuRefHook};
 use std::hint::black_box;
 use std::sync::atomic::{fence, AtomicU32, Ordering::*};
 
-/// One iteration: a lookup, a get, three puts (the last one final) and a
+/// Defines one `#[no_mangle]` workload function `$name(page: &$ty, n)`:
+/// per iteration a lookup, a get, three puts (the last one final) and a
 /// re-allocation — every `PageRef` operation on the hot path, and both
 /// terminal transitions. The count is 1 before and after. Returns the
 /// number of successful lookups, final puts and allocations.
-#[no_mangle]
-#[inline(never)]
-pub fn zc_page(page: &PageRef<NoHook>, n: u64) -> u64 {
-    // black_box once: the loop cannot know what the counter holds, and the
-    // results are summed into the return value, so nothing is optimised
-    // away; per-iteration black_boxes would add their own instructions
-    // (address materialisation) that differ with register pressure.
-    let p = black_box(page);
-    let mut done = 0;
-    for _ in 0..n {
-        done += p.get_unless_zero() as u64; // 1→2
-        p.inc(); // 2→3
-        done += p.dec_and_test() as u64; // 3→2
-        done += p.dec_and_test() as u64; // 2→1
-        done += p.dec_and_test() as u64; // 1→0
-        done += p.first_ref().is_ok() as u64; // 0→1
-    }
-    done
+///
+/// `first_ref` turns the counter's `first_ref` result into a `bool`
+/// (`PageRef::first_ref` returns a `Result`, the hand-written counters a
+/// `bool`). Every compared variant comes from this one body, so the
+/// workloads are identical by construction.
+macro_rules! workload {
+    ($(#[$attr:meta])* $name:ident($ty:ty), first_ref: |$p:ident| $first_ref:expr) => {
+        $(#[$attr])*
+        #[no_mangle]
+        #[inline(never)]
+        pub fn $name(page: &$ty, n: u64) -> u64 {
+            // black_box once: the loop cannot know what the counter holds,
+            // and the results are summed into the return value, so nothing
+            // is optimised away; per-iteration black_boxes would add their
+            // own instructions (address materialisation) that differ with
+            // register pressure.
+            let $p = black_box(page);
+            let mut done = 0;
+            for _ in 0..n {
+                done += $p.get_unless_zero() as u64; // 1→2
+                $p.inc(); // 2→3
+                done += $p.dec_and_test() as u64; // 3→2
+                done += $p.dec_and_test() as u64; // 2→1
+                done += $p.dec_and_test() as u64; // 1→0
+                done += $first_ref as u64; // 0→1
+            }
+            done
+        }
+    };
 }
 
-/// The same workload on [`bare::Counter`].
-#[no_mangle]
-#[inline(never)]
-pub fn zc_bare(page: &bare::Counter, n: u64) -> u64 {
-    let p = black_box(page); // as in zc_page
-    let mut done = 0;
-    for _ in 0..n {
-        done += p.get_unless_zero() as u64; // 1→2
-        p.inc(); // 2→3
-        done += p.dec_and_test() as u64; // 3→2
-        done += p.dec_and_test() as u64; // 2→1
-        done += p.dec_and_test() as u64; // 1→0
-        done += p.first_ref() as u64; // 0→1
-    }
-    done
+workload! {
+    /// The workload on `PageRef<NoHook>`.
+    zc_page(PageRef<NoHook>), first_ref: |p| p.first_ref().is_ok()
 }
 
-/// The same workload on [`minimal::Counter`] (no misuse checks).
-#[no_mangle]
-#[inline(never)]
-pub fn zc_minimal(page: &minimal::Counter, n: u64) -> u64 {
-    let p = black_box(page); // as in zc_page
-    let mut done = 0;
-    for _ in 0..n {
-        done += p.get_unless_zero() as u64; // 1→2
-        p.inc(); // 2→3
-        done += p.dec_and_test() as u64; // 3→2
-        done += p.dec_and_test() as u64; // 2→1
-        done += p.dec_and_test() as u64; // 1→0
-        done += p.first_ref() as u64; // 0→1
-    }
-    done
+workload! {
+    /// The same workload on [`bare::Counter`].
+    zc_bare(bare::Counter), first_ref: |p| p.first_ref()
+}
+
+workload! {
+    /// The same workload on [`minimal::Counter`] (no misuse checks).
+    zc_minimal(minimal::Counter), first_ref: |p| p.first_ref()
 }
 
 /// The hot path only (count stays ≥ 1: one lookup, one get, two puts) on
@@ -95,7 +88,7 @@ pub fn zc_hot_device(page: &PageRef<PercpuRefHook<'_, ()>>, n: u64) -> u64 {
 
 #[inline(always)]
 fn hot<H: PageRefHook>(page: &PageRef<H>, n: u64) -> u64 {
-    let p = black_box(page); // as in zc_page
+    let p = black_box(page); // as in workload!
     let mut done = 0;
     for _ in 0..n {
         done += p.get_unless_zero() as u64; // 1→2

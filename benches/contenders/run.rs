@@ -1,12 +1,13 @@
 //! Running a [`Counter`] on pinned threads: shared by every bench that
 //! measures per-thread operation pairs (`benches/percpu.rs`,
-//! `benches/freelist.rs`, `examples/scaling.rs` through `contenders`).
+//! `benches/freelist.rs`, `benches/pool.rs`, `examples/scaling.rs` through
+//! `contenders`).
 
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 /// An operation pair under test: a reference count's get+put, a free
-/// list's pop+push.
+/// list's pop+push, a page pool's alloc+free, lookup+drop or read.
 pub(crate) trait Counter: Sync {
     /// Run `iters` operation pairs as worker `worker` (`< threads` given to
     /// the constructor).

@@ -31,6 +31,7 @@ use std::sync::Arc;
 /// Memory shared with other processes (a file or device mapped
 /// `MAP_SHARED`) can be changed behind Rust's back; the slices here assume
 /// this process's pool is the only writer.
+#[doc(alias = "ZONE_DEVICE")]
 pub struct DevicePage {
     /// The pool, kept alive by `shard`.
     shared: NonNull<Shared>,
@@ -182,6 +183,7 @@ impl DevicePage {
     }
 
     /// References to this page right now (a snapshot).
+    #[doc(alias = "page_ref_count")]
     pub fn ref_count(&self) -> u32 {
         self.page_ref().count()
     }

@@ -124,6 +124,7 @@ use std::sync::Arc;
 /// assert!(report.persist_error.is_none());
 /// # Ok::<(), PoolError>(())
 /// ```
+#[doc(alias = "dev_pagemap")]
 pub struct DevicePagePool {
     pub(super) shared: Arc<Shared>,
 }
@@ -154,6 +155,7 @@ impl DevicePagePool {
     /// assert!(matches!(e, PoolError::UnsupportedFileType { file_type: "directory", .. }));
     /// # }
     /// ```
+    #[doc(alias("memremap_pages", "devm_memremap_pages"))]
     pub fn open(path: impl AsRef<Path>, options: &PoolOptions) -> Result<Self, PoolError> {
         let (region, plan) = backend::open(path.as_ref(), options)?;
         Ok(Self::from_region(region, plan, options))
@@ -168,6 +170,7 @@ impl DevicePagePool {
     /// let pool = DevicePagePool::anonymous(1 << 20).unwrap();
     /// assert_eq!((pool.page_count(), pool.backend()), (256, Backend::Anonymous));
     /// ```
+    #[doc(alias("memremap_pages", "devm_memremap_pages"))]
     pub fn anonymous(size: usize) -> Result<Self, PoolError> {
         Self::anonymous_with(size, &PoolOptions::new())
     }
@@ -180,6 +183,7 @@ impl DevicePagePool {
     /// let pool = DevicePagePool::anonymous_with(4 << 20, &PoolOptions::new().page_size(2 << 20)).unwrap();
     /// assert_eq!(pool.page_count(), 2);
     /// ```
+    #[doc(alias("memremap_pages", "devm_memremap_pages"))]
     pub fn anonymous_with(size: usize, options: &PoolOptions) -> Result<Self, PoolError> {
         let (region, plan) = backend::anonymous(size, options)?;
         Ok(Self::from_region(region, plan, options))
@@ -247,6 +251,7 @@ impl DevicePagePool {
     /// [`PoolError::ShuttingDown`] once [`shutdown`](Self::shutdown) was
     /// called, [`PoolError::Exhausted`] if every page is allocated,
     /// [`PoolError::Forked`] in a `fork()` child.
+    #[doc(alias = "zone_device_page_init")]
     #[inline]
     pub fn alloc(&self) -> Result<DevicePage, PoolError> {
         self.alloc_labelled(None)
@@ -353,6 +358,7 @@ impl DevicePagePool {
     /// open for writing ([`DevicePage::as_mut_slice`], a
     /// [`PageWriter`](crate::PageWriter)), [`PoolError::Forked`] in a
     /// `fork()` child.
+    #[doc(alias = "get_dev_pagemap")]
     #[inline]
     pub fn lookup(addr: *const u8) -> Result<DevicePage, PoolError> {
         Self::lookup_labelled(addr, None)
@@ -432,6 +438,7 @@ impl DevicePagePool {
     /// it again (or from several threads) returns handles to the same
     /// shutdown. Shutting down many pools: [`shutdown_all`](Self::shutdown_all)
     /// pays one barrier for all of them.
+    #[doc(alias("memunmap_pages", "devm_memunmap_pages"))]
     pub fn shutdown(&self) -> ShutdownHandle {
         self.shared.start_shutdown();
         ShutdownHandle {

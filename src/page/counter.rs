@@ -246,6 +246,7 @@ impl<H: PageRefHook> PageRef<H> {
 
     /// The number of references (of a frozen page: the references the
     /// freezer took over). A snapshot: other threads may change it at once.
+    #[doc(alias = "page_ref_count")]
     #[inline]
     pub fn count(&self) -> u32 {
         // Relaxed: a snapshot for diagnostics and asserts; nothing is read
@@ -277,6 +278,7 @@ impl<H: PageRefHook> PageRef<H> {
     /// to every thread that later Acquires the count: a lookup whose
     /// [`get_unless_zero`](Self::get_unless_zero) finds the page, and the
     /// final put that runs `on_last_unref`.
+    #[doc(alias("set_page_refcounted", "init_page_count"))]
     #[inline]
     pub fn first_ref(&self) -> Result<(), FirstRefError> {
         if !self.hook.on_first_ref() {
@@ -311,6 +313,7 @@ impl<H: PageRefHook> PageRef<H> {
     /// or a missing [`first_ref`](Self::first_ref)), the page is frozen, or
     /// the count would exceed [`MAX_COUNT`](Self::MAX_COUNT). The count is
     /// restored first.
+    #[doc(alias("page_ref_inc", "get_page"))]
     #[inline]
     pub fn inc(&self) {
         // Relaxed: the caller holds a reference, so the page cannot be
@@ -336,6 +339,7 @@ impl<H: PageRefHook> PageRef<H> {
     /// On underflow — a put on a page whose count is 0, i.e. a
     /// use-after-free — and on a put on a frozen page. The count is
     /// restored first. (In debug builds and release builds alike.)
+    #[doc(alias("page_ref_dec_and_test", "put_page_testzero", "put_page"))]
     #[inline]
     pub fn dec_and_test(&self) -> bool {
         // Release: pairs with the Acquire fence below in the thread that
@@ -376,6 +380,7 @@ impl<H: PageRefHook> PageRef<H> {
     /// At [`MAX_COUNT`](Self::MAX_COUNT) it refuses (a `debug_assert!`
     /// fails in debug builds) instead of overflowing, like the kernel's
     /// `try_get_page`.
+    #[doc(alias("get_page_unless_zero", "page_ref_add_unless", "folio_try_get"))]
     #[inline]
     pub fn get_unless_zero(&self) -> bool {
         // Relaxed: only a first guess for the CAS, which re-checks it.
@@ -419,6 +424,7 @@ impl<H: PageRefHook> PageRef<H> {
     /// # Panics
     ///
     /// If `expected > MAX_COUNT` (no page can have that count).
+    #[doc(alias = "page_ref_freeze")]
     #[inline]
     pub fn freeze(&self, expected: u32) -> bool {
         assert!(
@@ -453,6 +459,7 @@ impl<H: PageRefHook> PageRef<H> {
     /// would allocate it without asking the hook; use
     /// [`first_ref`](Self::first_ref) after `unfreeze(0)`. The page is left
     /// unchanged.
+    #[doc(alias = "page_ref_unfreeze")]
     pub fn unfreeze(&self, count: u32) {
         assert!(
             count <= Self::MAX_COUNT,

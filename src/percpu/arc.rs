@@ -118,6 +118,7 @@ unsafe impl<T: Send + Sync, P: ReleasePolicy<T> + Send + Sync> Sync for PercpuAr
 impl<T, P: ReleasePolicy<T>> PercpuArc<T, P> {
     /// A live ref in percpu mode holding its initial reference, owned by
     /// the returned handle. See [`Builder::build_arc`] for the other modes.
+    #[doc(alias = "percpu_ref_init")]
     pub fn new(value: T, policy: P) -> Self {
         PercpuRef::builder(value).release(policy).build_arc()
     }

@@ -74,6 +74,7 @@ impl<T, P> Builder<T, P> {
     /// stays atomic across `resurrect`/`reinit` until
     /// [`switch_to_percpu`](PercpuRef::switch_to_percpu). An atomic ref
     /// holds no per-CPU slots.
+    #[doc(alias = "PERCPU_REF_INIT_ATOMIC")]
     pub fn atomic(mut self) -> Self {
         self.atomic = true;
         self
@@ -83,6 +84,7 @@ impl<T, P> Builder<T, P> {
     /// reference can be taken until [`reinit`](PercpuRef::reinit). Implies
     /// [`allow_reinit`](Self::allow_reinit). The release does not run for
     /// this initial state.
+    #[doc(alias = "PERCPU_REF_INIT_DEAD")]
     pub fn dead(mut self) -> Self {
         self.dead = true;
         self.allow_reinit = true;
@@ -91,6 +93,7 @@ impl<T, P> Builder<T, P> {
 
     /// Permit [`reinit`](PercpuRef::reinit) (and `resurrect`) after the ref
     /// was released (`PERCPU_REF_ALLOW_REINIT`).
+    #[doc(alias = "PERCPU_REF_ALLOW_REINIT")]
     pub fn allow_reinit(mut self) -> Self {
         self.allow_reinit = true;
         self
@@ -121,6 +124,7 @@ impl<T, P: ReleasePolicy<T>> Builder<T, P> {
     /// Build the ref. If it should count per CPU but no slot column can be
     /// had, it starts atomic (see
     /// [`switch_to_percpu`](PercpuRef::switch_to_percpu)).
+    #[doc(alias = "percpu_ref_init")]
     pub fn build(self) -> PercpuRef<T, P> {
         let mut state = ATOMIC;
         if self.portable || !crate::sys::rseq::rseq_available() {
@@ -155,6 +159,7 @@ impl<T, P: ReleasePolicy<T>> Builder<T, P> {
     }
 
     /// Build the ref into a [`PercpuArc`], whose owned references scale.
+    #[doc(alias = "percpu_ref_init")]
     pub fn build_arc(self) -> PercpuArc<T, P> {
         PercpuArc::from_builder(self)
     }

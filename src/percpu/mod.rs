@@ -56,8 +56,9 @@ pub enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
     /// A plain add on the current CPU's slot inside a restartable sequence
-    /// (rseq); mode switches use `membarrier`. Linux x86_64 with glibc's
-    /// rseq registration.
+    /// (rseq); mode switches use `membarrier`. Linux x86_64 and aarch64
+    /// with glibc's rseq registration (glibc ≥ 2.35, Linux ≥ 5.10); chosen
+    /// at run time, see [`init`](crate::init).
     Rseq,
     /// An atomic compare-exchange on the current CPU's slot; mode switches
     /// swap each slot to a drained value. Everywhere.

@@ -168,6 +168,7 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
 /// let b = a.clone();
 /// assert_eq!(*a + *b, 14);
 /// ```
+#[doc(alias("percpu_ref_get", "percpu_ref_put"))]
 #[must_use = "dropping a Ref puts it at once"]
 pub struct Ref<'a, T, P: ReleasePolicy<T> = NoRelease> {
     r: &'a PercpuRef<T, P>,
