@@ -58,12 +58,17 @@ bin="$target_dir/release/examples/zero_cost_page"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
+# Every run on one CPU: the pool's free-page caches are per CPU, and a
+# migration in the middle of a run changes which one alloc takes from (and
+# its instruction count).
+cpu=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*\([0-9]*\).*/\1/p' /proc/self/status)
+
 # ir VARIANT ITERATIONS [BINARY]: instructions executed inside zc_VARIANT.
 ir() {
     local exe=${3:-$bin} tag
     tag=$(basename "$exe")
     local log="$tmp/$tag-$1-$2.log" c=""
-    if valgrind --tool=callgrind --toggle-collect="zc_$1" \
+    if taskset -c "${cpu:-0}" valgrind --tool=callgrind --toggle-collect="zc_$1" \
         --callgrind-out-file="$tmp/$tag-$1-$2.out" "$exe" "$1" "$2" >/dev/null 2>"$log"; then
         c=$(sed -n 's/^==[0-9]*== Collected : \([0-9]*\).*/\1/p' "$log")
     fi
