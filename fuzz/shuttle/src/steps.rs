@@ -644,16 +644,17 @@ enum Ev {
     /// The `switch_to_atomic` of a re-entering release ([`Policy::Reenter`]),
     /// after the step that ran the release, in its own interval.
     ReleaseSwitch,
-    /// `resurrect`; if it returned `Ok`, an [`Ev::ResurrectEnd`] follows.
+    /// `resurrect`; if it returned `Ok`, an [`Ev::ResurrectEnd`] and an
+    /// [`Ev::Reopen`] follow.
     Resurrect(Result<(), ReviveError>),
-    /// The second half of a successful `resurrect` of a dying ref (same
-    /// interval): its new reference is counted first, DEAD cleared after.
+    /// The second step of a successful `resurrect` (same interval): its new
+    /// reference is counted first, DEAD cleared after.
     ResurrectEnd,
-    /// `reinit`; if it returned `Ok`, an [`Ev::ReinitEnd`] follows.
+    /// `reinit`; if it returned `Ok`, an [`Ev::Reopen`] follows.
     Reinit(Result<(), ReviveError>),
-    /// The second half of a successful `reinit` (same interval): the new
-    /// life is published in atomic mode first, the per-CPU slots open after.
-    ReinitEnd,
+    /// The last step of a successful revive (same interval): the new life
+    /// is live in atomic mode first, the per-CPU slots open after.
+    Reopen,
 }
 
 #[derive(Debug, Clone)]
@@ -895,23 +896,18 @@ impl<'a> Worker<'a> {
                 if r.is_ok() {
                     sh.last_ok_revive_start.fetch_max(t.start, SeqCst);
                 }
-                if op == Op::Reinit {
-                    let ok = r.is_ok();
+                let ok = r.is_ok();
+                let steps: &[Ev] = if op == Op::Reinit {
                     self.push(Ev::Reinit(r), &t);
-                    if ok {
-                        self.events.push(Event {
-                            ev: Ev::ReinitEnd,
-                            start: t.start,
-                            end: t.end,
-                            releases: 0,
-                        });
-                    }
+                    &[Ev::Reopen]
                 } else {
-                    let ok = r.is_ok();
                     self.push(Ev::Resurrect(r), &t);
-                    if ok {
+                    &[Ev::ResurrectEnd, Ev::Reopen]
+                };
+                if ok {
+                    for ev in steps {
                         self.events.push(Event {
-                            ev: Ev::ResurrectEnd,
+                            ev: ev.clone(),
                             start: t.start,
                             end: t.end,
                             releases: 0,
@@ -1320,16 +1316,14 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
                 r.is_ok()
             } else {
                 // A drained ref: a reinit, whose slots open at the
-                // ResurrectEnd.
+                // Reopen.
                 !would_spin(m) && m.reinit_begin() == *r
             };
             m.reviving = ok && r.is_ok();
             ok
         }
         Ev::ResurrectEnd => {
-            m.reviving = false;
             m.dead = false;
-            m.reopen();
             true
         }
         Ev::Reinit(r) => {
@@ -1337,7 +1331,7 @@ fn apply(setup: &Setup, m: &mut Model, e: &Event, fuzzy_kill: bool) -> bool {
             m.reviving = ok && r.is_ok();
             ok
         }
-        Ev::ReinitEnd => {
+        Ev::Reopen => {
             m.reviving = false;
             m.reopen();
             true
