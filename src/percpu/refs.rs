@@ -72,11 +72,12 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     ///
     /// Every reference taken and given back registers and removes a record
     /// in one of the ref's per-CPU shards (a short lock each, `O(1)`):
-    /// about 300 more instructions per get+put, and 45–110 ns more per
-    /// pair measured on an Intel Xeon under KVM (`benches/track.rs`:
-    /// `tryget_live`+drop 31 → 76 ns, `OwnedRef` 16 → 109 ns, two threads
-    /// on one ref 46 → 177 ns). **With `RUST_BACKTRACE` set every reference
-    /// captures a backtrace** (~150,000 instructions each): set
+    /// about 400 more instructions per get+put (`scripts/zero-cost.sh`),
+    /// and 40–55 ns more per pair measured on an Intel Xeon under KVM
+    /// (`benches/track.rs`, one run: `tryget_live`+drop 1.8 → 43 ns, clone
+    /// 1.6 → 54 ns, `OwnedRef` 1.9 → 44 ns, two threads on one ref 1.7 →
+    /// 44 ns). **With `RUST_BACKTRACE` set every reference captures a
+    /// backtrace** (about 3.5 µs per pair in the same run): set
     /// `RUST_LIB_BACKTRACE=0` to keep panic backtraces without that.
     /// Without the feature nothing is recorded and get/put run the same
     /// instructions as a build without the tracking code

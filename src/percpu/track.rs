@@ -39,10 +39,12 @@
 //! With the feature on, each get+put pays two shard lock round trips and a
 //! reference count of the thread's record (numbers in the docs of
 //! `PercpuRef::holders`, measured by `benches/track.rs`). The header grows
-//! by the shard table (16 bytes), and `Ref`/`OwnedRef` by an 8-byte token.
+//! by the shard table (16 bytes), and `Ref`/`OwnedRef` by an 8-byte token
+//! (24 bytes instead of 16).
 //!
 //! With the feature off, nothing is recorded, the types are the same size
-//! as without this module (8-byte `Ref`/`OwnedRef`, 32-byte header) and the
+//! as without this module (16-byte `Ref`/`OwnedRef`: a pointer and the
+//! 4-byte rseq area token; 32-byte header) and the
 //! fast paths run the same instructions: `scripts/zero-cost.sh` compares
 //! callgrind instruction counts of a build with the feature off against a
 //! build with every tracking hook compiled out (`--cfg
