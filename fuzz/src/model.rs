@@ -259,21 +259,6 @@ impl Model {
         }
     }
 
-    fn reinit_inner(&mut self) {
-        // Every killed life whose count is <= 0 was released (by the put
-        // that crossed zero, or by the kill); the real reinit waits for
-        // that release to finish.
-        assert!(
-            self.released,
-            "model: reinit of a drained ref that was never released: {self:?}"
-        );
-        self.count = 1;
-        self.released = false;
-        self.dead = false;
-        self.atomic = true;
-        self.reopen();
-    }
-
     /// `reinit` up to the new life (count 1, live, still atomic), without
     /// [`reopen`](Self::reopen): for a checker that linearizes the two
     /// steps separately. Same errors as [`reinit`](Self::reinit).
@@ -312,25 +297,14 @@ impl Model {
             self.revive();
             return Ok(());
         }
-        if !self.allow_reinit {
-            return Err(ReviveError::ReinitNotAllowed);
-        }
-        self.reinit_inner();
-        Ok(())
+        // A drained ref: a reinit.
+        self.reinit()
     }
 
     /// `reinit()`.
     pub fn reinit(&mut self) -> Result<(), ReviveError> {
-        if !self.dead {
-            return Err(ReviveError::Live);
-        }
-        if !self.allow_reinit {
-            return Err(ReviveError::ReinitNotAllowed);
-        }
-        if self.count > 0 {
-            return Err(ReviveError::NotDrained);
-        }
-        self.reinit_inner();
+        self.reinit_begin()?;
+        self.reopen();
         Ok(())
     }
 }
