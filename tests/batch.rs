@@ -7,13 +7,15 @@
 
 use percpu_ref::{
     kill_all, Completion, KillBatch, KillError, Killable, Mode, NoRelease, PercpuArc, PercpuRef,
-    ReleasePolicy, ReviveError, Tier,
+    ReleasePolicy, ReviveError,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod common;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -23,30 +25,6 @@ fn rounds(n: usize) -> usize {
     } else {
         n
     }
-}
-
-/// Run `f` on its own thread; fail if it has not returned within `LIMIT`
-/// (a hang or a deadlock), and re-raise its panic.
-fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let h = thread::spawn(f);
-    let start = Instant::now();
-    while !h.is_finished() {
-        assert!(
-            start.elapsed() < LIMIT,
-            "{what}: still running after {LIMIT:?} (hang)"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
-    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-}
-
-/// `true`: portable tier; `false`: the default (rseq where available).
-fn tiers() -> Vec<bool> {
-    let mut v = vec![true];
-    if percpu_ref::init() == Tier::Rseq {
-        v.push(false);
-    }
-    v
 }
 
 fn build<T, P: ReleasePolicy<T>>(portable: bool, value: T, policy: P) -> PercpuRef<T, P> {
@@ -94,7 +72,7 @@ impl Policy {
 
 #[test]
 fn errors_are_per_ref_and_do_not_fail_the_others() {
-    for portable in tiers() {
+    for portable in common::tiers() {
         let (pa, pb, pc) = (Policy::default(), Policy::default(), Policy::default());
         let a = build(portable, 1u32, pa.clone());
         let b = build(!portable, String::from("b"), pb.clone());
@@ -126,7 +104,7 @@ fn errors_are_per_ref_and_do_not_fail_the_others() {
 
 #[test]
 fn duplicates_are_killed_once_and_report_already_dead() {
-    for portable in tiers() {
+    for portable in common::tiers() {
         let p = Policy::default();
         let arc = PercpuArc::new(5u64, p.clone());
         let q = Policy::default();
@@ -154,7 +132,7 @@ fn duplicates_are_killed_once_and_report_already_dead() {
 
 #[test]
 fn confirm_runs_once_when_every_ref_is_dead_everywhere_and_before_any_release() {
-    for portable in tiers() {
+    for portable in common::tiers() {
         let policies: Vec<Policy> = (0..6).map(|_| Policy::default()).collect();
         let refs: Vec<PercpuRef<usize, Policy>> = policies
             .iter()
@@ -201,7 +179,7 @@ fn confirm_runs_once_when_every_ref_is_dead_everywhere_and_before_any_release() 
 
 #[test]
 fn a_panicking_confirm_still_completes_every_kill() {
-    for portable in tiers() {
+    for portable in common::tiers() {
         let (pa, pb) = (Policy::default(), Policy::default());
         let a = build(portable, 1u8, pa.clone());
         let b = build(!portable, 2u16, pb.clone());
@@ -220,7 +198,7 @@ fn a_panicking_confirm_still_completes_every_kill() {
 
 #[test]
 fn a_panicking_release_does_not_stop_the_other_releases() {
-    for portable in tiers() {
+    for portable in common::tiers() {
         let ran = Arc::new(AtomicUsize::new(0));
         let boom = {
             let ran = Arc::clone(&ran);
@@ -251,7 +229,7 @@ fn killing_a_batch_member_from_confirm_panics_and_releases_the_locks() {
     let (pa, pb) = (Policy::default(), Policy::default());
     let a = build(true, 0u8, pa.clone());
     let b = build(true, 0u8, pb.clone());
-    let err = within("re-entrant kill", move || {
+    let err = common::within("re-entrant kill", LIMIT, move || {
         let err = catch_unwind(AssertUnwindSafe(|| {
             kill_all(&[]);
             KillBatch::from_iter([&a as &dyn Killable, &b]).kill_and_confirm(|| {
@@ -273,7 +251,7 @@ fn killing_a_batch_member_from_confirm_panics_and_releases_the_locks() {
 
 #[test]
 fn a_release_may_revive_a_dying_ref_of_its_own_batch() {
-    for portable in tiers() {
+    for portable in common::tiers() {
         let other: Arc<PercpuRef<u8, NoRelease>> = Arc::new(build(portable, 0, NoRelease));
         let revived = Arc::new(AtomicBool::new(false));
         let a = {
@@ -285,7 +263,7 @@ fn a_release_may_revive_a_dying_ref_of_its_own_batch() {
             })
         };
         let held = other.tryget().unwrap();
-        within("release reviving a batch member", {
+        common::within("release reviving a batch member", LIMIT, {
             let other = Arc::clone(&other);
             move || {
                 let results = kill_all(&[&*other, &a]);
@@ -314,47 +292,51 @@ struct Pair<P: ReleasePolicy<u8>> {
 /// release itself (once), instead of waiting for the thread it is on.
 #[test]
 fn a_release_may_reinit_a_drained_ref_of_its_own_batch() {
-    for portable in tiers() {
-        within("release reinitialising a drained batch member", move || {
-            let second = Policy::default();
-            let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let pair: Arc<Pair<Policy>> =
-                Arc::new_cyclic(|weak: &std::sync::Weak<Pair<Policy>>| {
-                    let (weak, order) = (weak.clone(), Arc::clone(&order));
-                    Pair {
-                        first: build(
-                            portable,
-                            1,
-                            Box::new(move |_: &u8| {
-                                let pair = weak.upgrade().expect("alive during the batch");
-                                order.lock().unwrap().push("first: reinit second");
-                                pair.second.reinit().expect("second drained");
-                                order.lock().unwrap().push("first: done");
-                            }) as DynRelease,
-                        ),
-                        second: build(!portable, 2, second.clone()),
-                    }
-                });
-            let results = kill_all(&[&pair.second, &pair.first]);
-            assert_eq!(results, [Ok(()), Ok(())]);
-            assert_eq!(second.releases(), 1, "the old life released exactly once");
-            assert_eq!(second.0.reinits.load(SeqCst), 1);
-            assert!(!pair.second.is_dying(), "the new life is live");
-            assert_eq!(
-                *order.lock().unwrap(),
-                ["first: reinit second", "first: done"]
-            );
-            // The new life ends normally.
-            pair.second.kill().unwrap();
-            assert_eq!(second.releases(), 2);
-            assert!(!second.0.bad.load(SeqCst));
-        });
+    for portable in common::tiers() {
+        common::within(
+            "release reinitialising a drained batch member",
+            LIMIT,
+            move || {
+                let second = Policy::default();
+                let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+                let pair: Arc<Pair<Policy>> =
+                    Arc::new_cyclic(|weak: &std::sync::Weak<Pair<Policy>>| {
+                        let (weak, order) = (weak.clone(), Arc::clone(&order));
+                        Pair {
+                            first: build(
+                                portable,
+                                1,
+                                Box::new(move |_: &u8| {
+                                    let pair = weak.upgrade().expect("alive during the batch");
+                                    order.lock().unwrap().push("first: reinit second");
+                                    pair.second.reinit().expect("second drained");
+                                    order.lock().unwrap().push("first: done");
+                                }) as DynRelease,
+                            ),
+                            second: build(!portable, 2, second.clone()),
+                        }
+                    });
+                let results = kill_all(&[&pair.second, &pair.first]);
+                assert_eq!(results, [Ok(()), Ok(())]);
+                assert_eq!(second.releases(), 1, "the old life released exactly once");
+                assert_eq!(second.0.reinits.load(SeqCst), 1);
+                assert!(!pair.second.is_dying(), "the new life is live");
+                assert_eq!(
+                    *order.lock().unwrap(),
+                    ["first: reinit second", "first: done"]
+                );
+                // The new life ends normally.
+                pair.second.kill().unwrap();
+                assert_eq!(second.releases(), 2);
+                assert!(!second.0.bad.load(SeqCst));
+            },
+        );
     }
 }
 
 #[test]
 fn batched_switch_to_atomic_keeps_counts_and_sticks_across_revives() {
-    for portable in tiers() {
+    for portable in common::tiers() {
         let done = Completion::new();
         let a = build(portable, 1u32, done.clone());
         let b = PercpuArc::new(String::new(), NoRelease);
@@ -382,8 +364,8 @@ fn batched_switch_to_atomic_keeps_counts_and_sticks_across_revives() {
 /// by exactly one of them.
 #[test]
 fn overlapping_batches_in_opposite_orders_never_deadlock() {
-    for portable in tiers() {
-        within("opposite-order batches", move || {
+    for portable in common::tiers() {
+        common::within("opposite-order batches", LIMIT, move || {
             for _ in 0..rounds(2000) {
                 let policies: Vec<Policy> = (0..4).map(|_| Policy::default()).collect();
                 let refs: Vec<_> = policies
@@ -414,9 +396,9 @@ fn overlapping_batches_in_opposite_orders_never_deadlock() {
 /// once, never while a holder is alive, and the final count drains.
 #[test]
 fn stress_batches_racing_get_put_and_resurrect() {
-    within("batch stress", || {
+    common::within("batch stress", LIMIT, || {
         const REFS: usize = 8;
-        let tiers = tiers();
+        let tiers = common::tiers();
         let policies: Vec<Policy> = (0..REFS).map(|_| Policy::default()).collect();
         let refs: Vec<PercpuRef<usize, Policy>> = policies
             .iter()

@@ -9,13 +9,14 @@
 
 use percpu_ref::{
     Completion, KillError, Mode, NoRelease, PercpuArc, PercpuRef, Ref, ReleasePolicy, ReviveError,
-    Tier,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -40,30 +41,6 @@ fn rounds(n: usize) -> usize {
     }
 }
 
-/// Run `f` on its own thread; fail if it has not returned within
-/// [`limit`] (a hang), and re-raise its panic.
-fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let h = thread::spawn(f);
-    let (start, limit) = (Instant::now(), limit());
-    while !h.is_finished() {
-        assert!(
-            start.elapsed() < limit,
-            "{what}: still running after {limit:?} (hang)"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
-    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-}
-
-/// Builders for both counting tiers (the rseq one where it is available).
-fn tiers() -> Vec<bool> {
-    let mut v = vec![true];
-    if percpu_ref::init() == Tier::Rseq {
-        v.push(false);
-    }
-    v
-}
-
 fn build<T, P: ReleasePolicy<T>>(portable: bool, value: T, policy: P) -> PercpuRef<T, P> {
     let b = PercpuRef::builder(value).release(policy);
     if portable {
@@ -77,8 +54,8 @@ fn build<T, P: ReleasePolicy<T>>(portable: bool, value: T, policy: P) -> PercpuR
 /// callback: inside it every `tryget_live` fails, on every thread.
 #[test]
 fn resurrect_waits_for_a_pending_confirm() {
-    for portable in tiers() {
-        within("kill_and_confirm vs resurrect", move || {
+    for portable in common::tiers() {
+        common::within("kill_and_confirm vs resurrect", limit(), move || {
             let mut revived = 0;
             for _ in 0..rounds(3000) {
                 let r = build(portable, 0u32, NoRelease);
@@ -109,8 +86,8 @@ fn resurrect_waits_for_a_pending_confirm() {
 /// running on another thread.
 #[test]
 fn reinit_waits_for_a_running_release() {
-    for portable in tiers() {
-        within("reinit vs a slow release", move || {
+    for portable in common::tiers() {
+        common::within("reinit vs a slow release", limit(), move || {
             let running = Arc::new(AtomicBool::new(false));
             let released = Arc::new(AtomicUsize::new(0));
             let (run, rel) = (running.clone(), released.clone());
@@ -144,8 +121,8 @@ fn reinit_waits_for_a_running_release() {
 /// once, even when `reinit` races the final put.
 #[test]
 fn reinit_after_underflow_never_skips_or_doubles_a_release() {
-    for portable in tiers() {
-        within("reinit vs final put after underflow", move || {
+    for portable in common::tiers() {
+        common::within("reinit vs final put after underflow", limit(), move || {
             let released = Arc::new(AtomicUsize::new(0));
             let rel = released.clone();
             let b = PercpuRef::builder(0u32)
@@ -205,7 +182,7 @@ fn reinit_from_own_release(_: &u32) {
 /// switch lock, also when the fold of a kill is what reached zero.
 #[test]
 fn a_release_may_revive_and_switch_its_own_ref() {
-    within("release calling reinit", || {
+    common::within("release calling reinit", limit(), || {
         let r = SELF_REVIVING.get_or_init(|| {
             PercpuRef::builder(0u32)
                 .allow_reinit()
@@ -230,8 +207,8 @@ fn a_release_may_revive_and_switch_its_own_ref() {
 /// propagates.
 #[test]
 fn a_panicking_confirm_still_drops_the_initial_reference() {
-    for portable in tiers() {
-        within("panicking confirm", move || {
+    for portable in common::tiers() {
+        common::within("panicking confirm", limit(), move || {
             let done = Completion::new();
             let r = build(portable, 0u32, done.clone());
             let p = catch_unwind(AssertUnwindSafe(|| {
@@ -257,7 +234,7 @@ fn a_panicking_release_finishes_its_bookkeeping() {
             DROPPED.fetch_add(1, SeqCst);
         }
     }
-    within("panicking release", || {
+    common::within("panicking release", limit(), || {
         let r = PercpuArc::new(Value, |_: &Value| panic!("release failed"));
         let o = r.tryget_owned().unwrap();
         drop(r); // orphaned: the last put releases and frees
@@ -279,7 +256,7 @@ fn a_panicking_release_finishes_its_bookkeeping() {
 /// with a message instead of deadlocking.
 #[test]
 fn switching_inside_confirm_panics_instead_of_deadlocking() {
-    within("re-entrant switch", || {
+    common::within("re-entrant switch", limit(), || {
         let r = PercpuRef::new(0u32, NoRelease);
         let p = catch_unwind(AssertUnwindSafe(|| {
             let _ = r.kill_and_confirm(|| r.switch_to_atomic());
@@ -299,7 +276,7 @@ fn switching_inside_confirm_panics_instead_of_deadlocking() {
 /// current life, with no manual reset.
 #[test]
 fn completion_waits_for_the_current_life_after_reinit() {
-    within("completion across lives", || {
+    common::within("completion across lives", limit(), || {
         let done = Completion::new();
         let r = PercpuRef::builder(0u32)
             .allow_reinit()
@@ -327,8 +304,8 @@ fn completion_waits_for_the_current_life_after_reinit() {
 /// gone, on both tiers, while other threads clone and drop them.
 #[test]
 fn owned_refs_outlive_their_handles_on_both_tiers() {
-    for portable in tiers() {
-        within("owned refs after the handles", move || {
+    for portable in common::tiers() {
+        common::within("owned refs after the handles", limit(), move || {
             for _ in 0..rounds(200) {
                 let done = Completion::new();
                 let b = PercpuRef::builder(vec![7u8; 64]).release(done.clone());

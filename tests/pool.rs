@@ -10,8 +10,10 @@ use percpu_ref::{
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Barrier};
+use std::sync::Barrier;
 use std::time::Duration;
+
+mod common;
 
 const PAGE: usize = 4096;
 
@@ -864,32 +866,6 @@ fn dropping_the_pool_without_a_shutdown_handle() {
     ));
 }
 
-/// A minimal executor: poll on this thread, park until woken; fails if
-/// not woken within 30 s.
-fn block_on<F: std::future::Future>(fut: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut fut = std::pin::pin!(fut);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match fut.as_mut().poll(&mut cx) {
-            Poll::Ready(v) => return v,
-            Poll::Pending => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                assert!(!left.is_zero(), "the future was never woken");
-                std::thread::park_timeout(left);
-            }
-        }
-    }
-}
-
 #[test]
 fn async_wait() {
     let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
@@ -897,7 +873,7 @@ fn async_wait() {
     let sd = pool.shutdown();
     let fut = sd.wait_async();
     let t = std::thread::spawn(move || drop(p));
-    let report = block_on(fut);
+    let report = common::block_on(fut, Duration::from_secs(30));
     t.join().unwrap();
     assert_eq!(report.pages, 4);
     assert!(sd.is_complete());

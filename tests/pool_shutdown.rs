@@ -10,11 +10,12 @@ use percpu_ref::{
     DevicePage, DevicePagePool, KillBatch, KillError, NoRelease, PercpuRef, PoolError, PoolOptions,
     ShutdownHandle,
 };
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod common;
 
 const PAGE: usize = 4096;
 const LIMIT: Duration = Duration::from_secs(30);
@@ -259,29 +260,6 @@ fn shutdown_all_under_concurrent_alloc_and_lookup() {
     }
 }
 
-/// Poll `fut` on this thread, parking until woken; fails after `LIMIT`.
-fn block_on<F: Future>(fut: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut fut = std::pin::pin!(fut);
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-            return v;
-        }
-        let now = Instant::now();
-        assert!(now < deadline, "the future was not woken within {LIMIT:?}");
-        thread::park_timeout(deadline - now);
-    }
-}
-
 #[test]
 fn awaiting_a_handle_resolves_when_the_last_page_drops() {
     let pool = DevicePagePool::anonymous(4 * PAGE).unwrap();
@@ -297,7 +275,7 @@ fn awaiting_a_handle_resolves_when_the_last_page_drops() {
         })
     };
     // By reference first: the handle stays usable.
-    let report = block_on(async { (&handle).await });
+    let report = common::block_on(async { (&handle).await }, LIMIT);
     assert!(
         dropped.load(SeqCst),
         "resolved before the last page dropped"
@@ -305,7 +283,7 @@ fn awaiting_a_handle_resolves_when_the_last_page_drops() {
     assert_eq!(report.pages, 4);
     assert!(handle.is_complete());
     // By value: a completed shutdown resolves at once, with its report.
-    let again = block_on(async move { handle.await });
+    let again = common::block_on(async move { handle.await }, LIMIT);
     assert_eq!((again.pages, again.bytes), (4, 4 * PAGE));
     t.join().unwrap();
 }

@@ -9,23 +9,11 @@ use std::backtrace::{Backtrace, BacktraceStatus};
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// Run `f` on its own thread; fail if it has not returned within `LIMIT`.
-fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let h = thread::spawn(f);
-    let start = Instant::now();
-    while !h.is_finished() {
-        assert!(
-            start.elapsed() < LIMIT,
-            "{what}: still running after {LIMIT:?}"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
-    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-}
 
 /// (thread name, label, kind) → references held.
 fn tally(h: &Holders) -> HashMap<(Option<String>, Option<&'static str>, HolderKind), usize> {
@@ -181,7 +169,7 @@ fn raw_references_form_an_exact_ledger() {
 /// drop everything, it must be empty — on both tiers.
 #[test]
 fn reports_are_exact_under_concurrent_get_and_put() {
-    within("concurrent tracking", || {
+    common::within("concurrent tracking", LIMIT, || {
         for portable in [true, false] {
             let b = PercpuRef::builder(0u64);
             let r = Arc::new(if portable { b.portable() } else { b }.build_arc());
