@@ -17,6 +17,9 @@
 //! (two releases at once).
 #![cfg(percpu_ref_shuttle)]
 
+#[path = "../fuzz/src/held.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod held;
 #[path = "../fuzz/src/model.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod model;

@@ -105,31 +105,7 @@ pub type Pr = PercpuRef<u64, OnRelease>;
 pub type Handle = PercpuArc<u64, OnRelease>;
 
 /// A held reference, borrowed or owned.
-#[derive(Debug)]
-pub enum Held<'a> {
-    /// From `tryget`/`tryget_live`/`Ref::from_raw`.
-    B(Ref<'a, u64, OnRelease>),
-    /// From `tryget_owned`/`tryget_live_owned`/`OwnedRef::from_raw`.
-    O(OwnedRef<u64, OnRelease>),
-}
-
-impl Held<'_> {
-    fn value(&self) -> u64 {
-        match self {
-            Held::B(r) => **r,
-            Held::O(r) => **r,
-        }
-    }
-}
-
-impl Clone for Held<'_> {
-    fn clone(&self) -> Self {
-        match self {
-            Held::B(r) => Held::B(r.clone()),
-            Held::O(r) => Held::O(r.clone()),
-        }
-    }
-}
+pub type Held<'a> = crate::held::Held<'a, OnRelease>;
 
 /// Where a step's calls into the ref run.
 pub trait Exec<'env> {

@@ -2,4 +2,5 @@
 //! model and the step executor. See `README.md`.
 
 pub mod harness;
+pub mod held;
 pub mod model;

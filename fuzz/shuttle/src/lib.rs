@@ -8,6 +8,9 @@ compile_error!(
      the crate's atomics are not scheduling points"
 );
 
+/// A held reference, shared with the other fuzz targets.
+#[path = "../../src/held.rs"]
+pub mod held;
 /// The sequential model shared with the other fuzz targets.
 #[path = "../../src/model.rs"]
 pub mod model;

@@ -56,9 +56,7 @@
 //! must leave every oracle above intact.
 
 use crate::model::Model;
-use percpu_ref::{
-    KillError, Mode, OwnedRef, PercpuArc, PercpuRef, Ref, ReleasePolicy, ReviveError,
-};
+use percpu_ref::{KillError, Mode, PercpuArc, PercpuRef, ReleasePolicy, ReviveError};
 use shuttle::scheduler::{Schedule, Scheduler, Task, TaskId};
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -666,28 +664,7 @@ struct Event {
     releases: u32,
 }
 
-enum Held<'a> {
-    B(Ref<'a, u64, StepRelease>),
-    O(OwnedRef<u64, StepRelease>),
-}
-
-impl Held<'_> {
-    fn value(&self) -> u64 {
-        match self {
-            Held::B(r) => **r,
-            Held::O(r) => **r,
-        }
-    }
-}
-
-impl Clone for Held<'_> {
-    fn clone(&self) -> Self {
-        match self {
-            Held::B(r) => Held::B(r.clone()),
-            Held::O(r) => Held::O(r.clone()),
-        }
-    }
-}
+type Held<'a> = crate::held::Held<'a, StepRelease>;
 
 struct Timed<R> {
     /// `None`: an [`ExpectedPanic`] was thrown.
