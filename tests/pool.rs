@@ -1380,6 +1380,12 @@ fn a_fork_child_gets_none_of_the_parents_anonymous_pages() {
         if !page.persist().is_err_and(|e| forked(&e)) {
             return 4;
         }
+        if !pool
+            .read_page(page.index(), |_| ())
+            .is_err_and(|e| forked(&e))
+        {
+            return 8;
+        }
         let msg = pool.alloc().unwrap_err().to_string();
         let want = format!(
             "pool anonymous was opened by process {parent}; process {}, a fork() child, cannot use it",

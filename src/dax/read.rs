@@ -190,9 +190,10 @@ impl DevicePagePool {
     #[inline]
     pub fn read<R>(addr: *const u8, f: impl FnOnce(&PageView<'_>) -> R) -> Result<R, PoolError> {
         let a = addr as usize;
-        // The pool is pinned (a pool reference) while this closure runs.
+        // The pool is pinned (a pool reference) while this closure runs,
+        // and `with_live_pool` refuses a fork child.
         registry::with_live_pool(a, |shared, start| {
-            // SAFETY: pinned, see above.
+            // SAFETY: pinned and not forked, see above.
             unsafe { read_pinned(shared, (a - start) >> shared.page_shift, a, f) }
         })?
     }
@@ -240,12 +241,15 @@ fn read_slot<R>(
     addr: usize,
     f: impl FnOnce(&PageView<'_>) -> R,
 ) -> Result<R, PoolError> {
+    // Before the pin: a fork child must not touch the parent's count.
+    shared.check_fork()?;
     // The pin: while it is held the pool's release, which unmaps, cannot
     // run. Dropped (also when `f` panics) after the last load.
     let Some(_pin) = shared.pgmap.tryget_live() else {
         return Err(shared.shutting_down());
     };
-    // SAFETY: pinned just above, until the end of this function.
+    // SAFETY: not forked, and pinned just above until the end of this
+    // function.
     unsafe { read_pinned(shared, index, addr, f) }
 }
 
@@ -254,7 +258,8 @@ fn read_slot<R>(
 /// # Safety
 ///
 /// The caller holds a reference on the pool (`tryget_live`) for the whole
-/// call, so its memory stays mapped.
+/// call, so its memory stays mapped, and checked that this process is not
+/// a `fork()` child (`Shared::check_fork`), where it is not the pool's.
 #[inline]
 unsafe fn read_pinned<R>(
     shared: &Shared,
@@ -267,7 +272,6 @@ unsafe fn read_pinned<R>(
             path: shared.path(),
         });
     }
-    shared.check_fork()?;
     let slot = &shared.pages[index];
     let begin = match seqlock::read_begin(&slot.seq) {
         Ok(v) => v,
