@@ -341,3 +341,72 @@ fn an_orphaned_ref_cannot_be_revived() {
     assert_eq!(inner.resurrect(), Err(ReviveError::Orphaned));
     assert_eq!(inner.mode(), Mode::Atomic);
 }
+
+/// A `fork()` child of a process whose other threads create, kill, drop
+/// and wait on refs can still create, kill, switch and drop refs of its
+/// own: the crate's process-wide locks (the per-CPU column arena, the
+/// portable tier's keys, the wait buckets) are never inherited held.
+#[test]
+#[cfg(target_os = "linux")]
+#[cfg_attr(miri, ignore = "fork")]
+fn a_fork_child_uses_refs_while_parent_threads_churn_them() {
+    for portable in common::tiers() {
+        let stop = Arc::new(AtomicBool::new(false));
+        // Takes and gives back columns (and keys) all the time.
+        let churn = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    let r = build(portable, 0u32, NoRelease);
+                    drop(r.tryget());
+                    r.kill().unwrap();
+                }
+            })
+        };
+        // Two threads switching one ref: the loser waits for the switch
+        // lock in a wait bucket.
+        let shared = Arc::new(build(portable, 0u32, NoRelease));
+        let switchers: Vec<_> = (0..2)
+            .map(|_| {
+                let (stop, r) = (Arc::clone(&stop), Arc::clone(&shared));
+                thread::spawn(move || {
+                    while !stop.load(SeqCst) {
+                        r.switch_to_atomic_sync();
+                        r.switch_to_percpu().unwrap();
+                    }
+                })
+            })
+            .collect();
+        let inherited = build(portable, 0u32, NoRelease);
+        for round in 0..rounds(300) {
+            let code = common::in_fork_child(limit(), || {
+                let mine = build(portable, 7u32, NoRelease);
+                match mine.tryget() {
+                    Some(got) if *got == 7 => drop(got),
+                    _ => return 1,
+                }
+                mine.switch_to_atomic_sync();
+                if mine.switch_to_percpu().is_err() {
+                    return 4;
+                }
+                if mine.kill().is_err() || mine.tryget_live().is_some() {
+                    return 2;
+                }
+                drop(mine);
+                // A parent's ref no other thread used: as it was at the
+                // fork. (One that another thread was switching may be
+                // locked for good in the child, like any mutex.)
+                if inherited.kill().is_err() {
+                    return 3;
+                }
+                0
+            });
+            assert_eq!(code, 0, "round {round}: the child's check {code} failed");
+        }
+        stop.store(true, SeqCst);
+        churn.join().unwrap();
+        for s in switchers {
+            s.join().unwrap();
+        }
+    }
+}

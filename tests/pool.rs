@@ -17,6 +17,10 @@ mod common;
 
 const PAGE: usize = 4096;
 
+/// How long a `fork()` child may take (it runs a few pool calls).
+#[cfg(target_os = "linux")]
+const FORK_LIMIT: Duration = Duration::from_secs(60);
+
 /// A scratch file removed on drop (no tempfile dependency).
 struct Scratch(PathBuf);
 
@@ -1306,48 +1310,6 @@ fn concurrent_writers_and_optimistic_readers_never_see_torn_pages() {
 
 // ------------------------------------------------------------ fork
 
-/// Run `child` in a `fork()`ed child process and return its exit code
-/// (the code `child` returns; 100 + signal if it was killed). The child
-/// only calls `child` and `_exit`s: no panic, no output, no unwinding into
-/// the test harness.
-#[cfg(target_os = "linux")]
-fn in_fork_child(child: impl FnOnce() -> i32) -> i32 {
-    // SAFETY: fork; the child runs `child` (which uses only this test's
-    // own pool and memory: no lock another thread may hold, except malloc's,
-    // which glibc makes usable in the child) and then `_exit`s.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
-        // SAFETY: ends the child without running the parent's atexit
-        // handlers or destructors.
-        unsafe { libc::_exit(code) };
-    }
-    // A child stuck on a lock some other parent thread held at the fork
-    // fails the test after a minute instead of hanging it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let mut status = 0;
-    loop {
-        // SAFETY: polls our own child; `status` is a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            break;
-        }
-        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
-        if std::time::Instant::now() > deadline {
-            // SAFETY: kills our own child (it has not been reaped).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the fork child did not finish within 60 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        100 + libc::WTERMSIG(status)
-    }
-}
-
 /// After `fork()`, the child's copy of an anonymous pool shares no page
 /// with the parent's (it reads zeros, and its writes stay its own), and
 /// every use that would hand out or touch pages fails with `Forked`.
@@ -1362,7 +1324,7 @@ fn a_fork_child_gets_none_of_the_parents_anonymous_pages() {
     let addr = page.as_ptr();
     let parent = std::process::id();
     let mut slot = Some(page);
-    let code = in_fork_child(|| {
+    let code = common::in_fork_child(FORK_LIMIT, || {
         let page = slot.take().unwrap();
         let forked = |e: &PoolError| {
             matches!(e, PoolError::Forked { parent: p, child, .. }
@@ -1454,7 +1416,7 @@ fn a_fork_child_neither_uses_nor_unmaps_a_file_pool() {
             .any(|(start, end)| start <= base && base < end)
     };
     assert!(maps(std::process::id()));
-    let code = in_fork_child(|| {
+    let code = common::in_fork_child(FORK_LIMIT, || {
         let page = slot.take().unwrap();
         if maps(std::process::id()) {
             return 1; // the child got the mapping

@@ -23,7 +23,7 @@ pub(crate) struct Region {
     /// The open file whose advisory lock marks the file as in use by this
     /// pool (unless `PoolOptions::unlocked`); closed right after the unmap.
     file: Mutex<Option<File>>,
-    /// `mem::forks()` and the process id when it was mapped: a different
+    /// `sys::fork::forks()` and the process id when it was mapped: a different
     /// count later means this is a `fork()` child's copy.
     forks: u32,
     pid: u32,
@@ -52,7 +52,7 @@ impl Region {
             path,
             mapped: AtomicBool::new(true),
             file: Mutex::new(None),
-            forks: mem::watch_forks(),
+            forks: crate::sys::fork::watch(),
             pid: std::process::id(),
         }
     }
@@ -62,7 +62,7 @@ impl Region {
     /// backends) or zero-filled (anonymous) in this process.
     #[inline]
     pub(crate) fn forked(&self) -> bool {
-        mem::forks() != self.forks
+        crate::sys::fork::forks() != self.forks
     }
 
     /// `Err(Forked)` in a `fork()` child (see [`forked`](Self::forked)).

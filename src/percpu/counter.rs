@@ -104,6 +104,15 @@ const PROMOTE_AFTER: u32 = if cfg!(percpu_ref_model) { 1 } else { 64 };
 /// bytes per possible CPU ([`slot_bytes_per_ref`](crate::slot_bytes_per_ref));
 /// atomic and dead refs hold none.
 ///
+/// # `fork()`
+///
+/// A child created by `fork()` may create, use, kill and drop refs, its
+/// copies included: the crate's process-wide locks are held across every
+/// fork (`pthread_atfork`), so the child never inherits one held. A ref
+/// that another thread was switching or killing at the instant of the
+/// fork stays locked in the child, as any mutex would; leave such refs
+/// alone there.
+///
 /// ```
 /// use percpu_ref::PercpuRef;
 /// use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};

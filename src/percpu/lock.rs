@@ -50,10 +50,37 @@ crate::sync::global! {
 }
 
 fn with_bucket<R>(word: &AtomicU32, f: impl FnOnce(&Bucket) -> R) -> R {
+    // Before a bucket's mutex: a fork must not copy it held.
+    crate::sys::fork::watch();
     // Refs are at least 8-byte aligned: drop the bits that never vary.
     #[allow(clippy::modulo_one)] // one bucket under a model checker
     let i = (word as *const AtomicU32 as usize >> 3) % BUCKETS;
     PARKING.with(|b| f(&b[i]))
+}
+
+#[cfg(percpu_ref_linux)]
+std::thread_local! {
+    /// Every bucket's mutex, held across a `fork()` by the thread that forks.
+    static FORK_HELD: RefCell<Option<[crate::sync::MutexGuard<'static, ()>; BUCKETS]>> =
+        const { RefCell::new(None) };
+}
+
+/// Take every bucket's mutex for a `fork()`, in index order (nothing else
+/// holds two): the child gets them free (see `sys::fork`). Each is held
+/// only for a compare-exchange, or a wake-up, at a time.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn hold_for_fork() {
+    let all = std::array::from_fn(|i| lock_mutex(&PARKING.0[i].mutex));
+    // A thread whose thread-locals are gone (a fork from a thread-local
+    // destructor) drops the guards: the fork goes ahead unprotected.
+    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(all));
+}
+
+/// Release what [`hold_for_fork`] took, in the parent and the child.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn release_after_fork() {
+    let all = FORK_HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
+    drop(all);
 }
 
 /// Spins before sleeping: short waits (a lock held for a fold, a release

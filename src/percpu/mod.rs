@@ -43,6 +43,22 @@ pub(crate) use slots::{arena_usage, slot_bytes_per_ref};
 #[cfg_attr(percpu_ref_untracked, allow(unused_imports))]
 pub(crate) use track::{hook, Token, Tracker};
 
+/// Take this module's process-wide locks (the column arena, the portable
+/// tier's keys, the wait buckets) just before a `fork()`, so that the child
+/// gets them free (`sys::fork`'s prepare handler).
+#[cfg(percpu_ref_linux)]
+pub(crate) fn hold_for_fork() {
+    slots::hold_for_fork();
+    lock::hold_for_fork();
+}
+
+/// Release what [`hold_for_fork`] took, in the parent and in the child.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn release_after_fork() {
+    lock::release_after_fork();
+    slots::release_after_fork();
+}
+
 /// Where a [`PercpuRef`] counts right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {

@@ -134,7 +134,24 @@ pub(crate) fn current_row() -> usize {
 /// Take a free column of `kind`, every slot zero. `None` if the arena
 /// cannot grow (allocation failure).
 pub(crate) fn take(kind: Kind) -> Option<Column> {
+    // Before the arena's lock: a fork must not copy it held.
+    crate::sys::fork::watch();
     arena::take(kind)
+}
+
+/// Take the arena's and the keys' locks for a `fork()`: the child gets
+/// them free (see `sys::fork`).
+#[cfg(percpu_ref_linux)]
+pub(crate) fn hold_for_fork() {
+    keys::hold_for_fork();
+    arena::hold_for_fork();
+}
+
+/// Release what [`hold_for_fork`] took, in the parent and the child.
+#[cfg(percpu_ref_linux)]
+pub(crate) fn release_after_fork() {
+    arena::release_after_fork();
+    keys::release_after_fork();
 }
 
 /// Give back a column whose every slot is zero and that no adder can
@@ -225,6 +242,8 @@ pub(crate) mod keys {
 
     /// A key no live ref holds; `None` once 2^24 - 1 are in use.
     pub(crate) fn take() -> Option<u32> {
+        // Before the lock: a fork must not copy it held.
+        crate::sys::fork::watch();
         KEYS.with(|keys| {
             let mut k = lock(keys);
             if let Some(key) = k.free.pop() {
@@ -241,6 +260,29 @@ pub(crate) mod keys {
     /// Return the key of a ref being dropped.
     pub(crate) fn give_back(key: u32) {
         KEYS.with(|keys| lock(keys).free.push(key));
+    }
+
+    #[cfg(percpu_ref_linux)]
+    std::thread_local! {
+        /// The lock, held across a `fork()` by the thread that forks.
+        static HELD: std::cell::RefCell<Option<crate::sync::MutexGuard<'static, Keys>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Take the lock for a `fork()` (see `sys::fork`).
+    #[cfg(percpu_ref_linux)]
+    pub(super) fn hold_for_fork() {
+        let g = lock(&KEYS.0);
+        // A thread whose thread-locals are gone (a fork from a thread-local
+        // destructor) drops the guard: the fork goes ahead unprotected.
+        let _ = HELD.try_with(|h| *h.borrow_mut() = Some(g));
+    }
+
+    /// Release what [`hold_for_fork`] took, in the parent and the child.
+    #[cfg(percpu_ref_linux)]
+    pub(super) fn release_after_fork() {
+        let g = HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
+        drop(g);
     }
 }
 
@@ -354,6 +396,28 @@ mod arena {
     pub(super) fn usage() -> (usize, usize) {
         let f = lock(&FREE);
         (f.in_use, f.chunks * rows() * ROW_STRIDE)
+    }
+
+    #[cfg(percpu_ref_linux)]
+    std::thread_local! {
+        /// The lock, held across a `fork()` by the thread that forks.
+        static HELD: std::cell::RefCell<Option<crate::sync::MutexGuard<'static, Free>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Take the lock for a `fork()` (see `sys::fork`).
+    #[cfg(percpu_ref_linux)]
+    pub(super) fn hold_for_fork() {
+        let g = lock(&FREE);
+        // As in `keys::hold_for_fork`.
+        let _ = HELD.try_with(|h| *h.borrow_mut() = Some(g));
+    }
+
+    /// Release what [`hold_for_fork`] took, in the parent and the child.
+    #[cfg(percpu_ref_linux)]
+    pub(super) fn release_after_fork() {
+        let g = HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
+        drop(g);
     }
 }
 

@@ -1,7 +1,7 @@
 //! Memory for the device page pool: mappings (`mmap`/`munmap`), what a
-//! `fork()` child gets of them (`madvise`), fork detection
-//! (`pthread_atfork`), advisory file locks (`flock`), `msync`, sysfs
-//! probing of character devices, and cache-line write-back (x86_64:
+//! `fork()` child gets of them (`madvise`), advisory file locks
+//! (`flock`), `msync`, sysfs probing of character devices, and cache-line
+//! write-back (x86_64:
 //! `clwb`/`clflushopt`/`clflush` + `sfence`, picked at run time by CPUID;
 //! aarch64 Linux: `dc cvap`, or `dc cvac` without it, + `dsb sy`, picked by
 //! `AT_HWCAP`).
@@ -254,55 +254,6 @@ pub(crate) fn map_fd(
         heap: false,
         on_fork,
     })
-}
-
-#[cfg(percpu_ref_linux)]
-static FORKS: crate::sync::AtomicU32 = crate::sync::AtomicU32::new(0);
-
-/// Start counting `fork()`s (see [`forks`]): registers a `pthread_atfork`
-/// child handler, once per process. Call it before any fork that matters
-/// (when a pool is created); returns [`forks`].
-pub(crate) fn watch_forks() -> u32 {
-    #[cfg(percpu_ref_linux)]
-    {
-        use crate::sync::Ordering::Relaxed;
-        use std::sync::Once;
-
-        static WATCH: Once = Once::new();
-
-        extern "C" fn child() {
-            // Relaxed: the child is single-threaded when the handler runs,
-            // and reads the count on this same thread (or on threads it
-            // creates later, which the thread creation orders).
-            FORKS.fetch_add(1, Relaxed);
-        }
-
-        WATCH.call_once(|| {
-            // SAFETY: registers a handler that only does an atomic add,
-            // which is async-signal-safe as a fork child handler must be.
-            // A registration failure (ENOMEM) leaves forks unseen, as
-            // documented for handler-less forks.
-            let _ = unsafe { libc::pthread_atfork(None, None, Some(child)) };
-        });
-    }
-    forks()
-}
-
-/// How many `fork()`s led to this process since [`watch_forks`] was first
-/// called: an object that recorded a different number was created by an
-/// ancestor, before a `fork()`. Forks that skip the handlers (a raw
-/// `clone` system call) are not seen.
-#[inline]
-pub(crate) fn forks() -> u32 {
-    #[cfg(percpu_ref_linux)]
-    {
-        // Relaxed: see `watch_forks`'s handler.
-        FORKS.load(crate::sync::Ordering::Relaxed)
-    }
-    #[cfg(not(percpu_ref_linux))]
-    {
-        0
-    }
 }
 
 /// Take a non-blocking advisory lock (`flock`) on `fd`'s open file:
@@ -675,8 +626,6 @@ mod tests {
         assert_eq!(m.on_fork(), OnFork::Absent);
         // SAFETY: as above.
         unsafe { m.unmap().unwrap() };
-        // The count only changes in a child.
-        assert_eq!(watch_forks(), forks());
     }
 
     /// Every aarch64 Linux machine has at least `dc cvac`; the flush runs

@@ -7,6 +7,8 @@
 // Under loom the slots pick their "CPU" themselves (see percpu/slots.rs).
 #[cfg_attr(percpu_ref_model, allow(dead_code))]
 pub(crate) mod cpu;
+// `fork()` handlers: the crate's process-wide locks, the fork count.
+pub(crate) mod fork;
 // Mappings, memfd, write-back, sysfs probing, cache-line flush (the pool).
 #[cfg(all(feature = "dax", not(percpu_ref_model)))]
 pub(crate) mod mem;

@@ -60,3 +60,50 @@ pub(crate) fn block_on<F: Future>(fut: F, limit: Duration) -> F::Output {
         thread::park_timeout(deadline - now);
     }
 }
+
+/// Run `child` in a `fork()`ed child process and return its exit code
+/// (the code `child` returns; 99 if it panicked; 100 + signal if it was
+/// killed). The child only runs `child` and `_exit`s: no unwinding into
+/// the test harness. A child still running after `limit` (stuck on a lock
+/// some other parent thread held at the fork) is killed and the test
+/// fails, instead of hanging.
+#[cfg(target_os = "linux")]
+pub(crate) fn in_fork_child(limit: Duration, child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: fork; the child runs `child` and then `_exit`s. What `child`
+    // may use in a child of a multi-threaded process is the caller's
+    // business: malloc (glibc makes it usable in the child), and the
+    // crate, whose process-wide locks are held across `fork()`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
+        // SAFETY: ends the child without running the parent's atexit
+        // handlers or destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = Instant::now() + limit;
+    let mut status = 0;
+    loop {
+        // SAFETY: polls our own child; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
+        if Instant::now() > deadline {
+            // SAFETY: kills our own child (it has not been reaped), then
+            // reaps it.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the fork child did not finish within {limit:?} (hang)");
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        100 + libc::WTERMSIG(status)
+    }
+}
