@@ -45,7 +45,8 @@ pub(crate) use track::{hook, Token, Tracker};
 
 /// Take this module's process-wide locks (the column arena, the portable
 /// tier's keys, the wait buckets) just before a `fork()`, so that the child
-/// gets them free (`sys::fork`'s prepare handler).
+/// gets them free (`sys::fork`'s prepare handler). No code path holds two
+/// of them.
 #[cfg(percpu_ref_linux)]
 pub(crate) fn hold_for_fork() {
     slots::hold_for_fork();

@@ -79,6 +79,10 @@ impl<T, P: ReleasePolicy<T>> PercpuRef<T, P> {
     /// 44 ns). **With `RUST_BACKTRACE` set every reference captures a
     /// backtrace** (about 3.5 µs per pair in the same run): set
     /// `RUST_LIB_BACKTRACE=0` to keep panic backtraces without that.
+    /// A `fork()` child records holders without backtraces: its copy of
+    /// std's backtrace lock stays held for good if a parent thread held it
+    /// at the fork (printing a panic, say), and a capture would never
+    /// return.
     /// Without the feature nothing is recorded and get/put run the same
     /// instructions as a build without the tracking code
     /// (`scripts/zero-cost.sh`).

@@ -11,7 +11,8 @@
 //! innermost [`holder_label`] scope of the thread, else the label of the
 //! reference a clone was made from), and a backtrace when
 //! `RUST_BACKTRACE`/`RUST_LIB_BACKTRACE` asks for one
-//! ([`Backtrace::capture`]).
+//! ([`Backtrace::capture`]) and the process is not a `fork()` child (whose
+//! copy of std's backtrace lock may be held for good; `sys::fork`).
 //!
 //! **Pages** (`dax`): each `DevicePage` of a pool — from `alloc`,
 //! `lookup` or a clone — registers the same kind of record, with its page
@@ -390,15 +391,28 @@ mod on {
         count: usize,
         page: Option<usize>,
     ) -> Holder {
-        let bt = Backtrace::capture();
         Holder {
             thread: ME.with(Arc::clone),
             label: label.or_else(|| LABEL.with(std::cell::Cell::get)),
             kind,
             count,
             page,
-            backtrace: (bt.status() == BacktraceStatus::Captured).then(|| Arc::new(bt)),
+            backtrace: capture(),
         }
+    }
+
+    /// A backtrace, if `RUST_BACKTRACE`/`RUST_LIB_BACKTRACE` asks for one
+    /// and this is not a `fork()` child. A capture takes std's
+    /// process-wide backtrace lock, which a child inherits held if another
+    /// thread of the parent held it at the fork (a panic printing its
+    /// backtrace, a capture of this module): the child's capture would
+    /// never return.
+    fn capture() -> Option<Arc<Backtrace>> {
+        if crate::sys::fork::forks() != 0 {
+            return None;
+        }
+        let bt = Backtrace::capture();
+        (bt.status() == BacktraceStatus::Captured).then(|| Arc::new(bt))
     }
 
     impl std::fmt::Debug for Tracker {
@@ -411,6 +425,9 @@ mod on {
 
     impl Tracker {
         pub(crate) fn new() -> Self {
+            // Count forks from now on: a child of a later fork captures no
+            // backtraces (`capture`).
+            crate::sys::fork::watch();
             let n = crate::sys::cpu::possible().clamp(1, MAX_SHARDS);
             Tracker {
                 shards: (0..n).map(|_| CachePadded::new(Mutex::default())).collect(),
