@@ -378,7 +378,7 @@ fn a_fork_child_uses_refs_while_parent_threads_churn_them() {
             })
             .collect();
         let inherited = build(portable, 0u32, NoRelease);
-        for round in 0..rounds(300) {
+        for round in 0..rounds(200) {
             let code = common::in_fork_child(limit(), || {
                 let mine = build(portable, 7u32, NoRelease);
                 match mine.tryget() {
