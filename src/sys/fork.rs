@@ -22,8 +22,8 @@ mod imp {
     /// Forks seen by the child handler (see [`forks`]).
     static FORKS: AtomicU32 = AtomicU32::new(0);
 
-    /// `UNREGISTERED`, or the process id of the process registering
-    /// (`REGISTERING` bit set), or `REGISTERED`.
+    /// `UNREGISTERED`; the id of the process one of whose threads is
+    /// registering the handlers; or `REGISTERED`.
     static STATE: AtomicU32 = AtomicU32::new(UNREGISTERED);
     const UNREGISTERED: u32 = 0;
     const REGISTERED: u32 = u32::MAX;
