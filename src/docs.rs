@@ -103,6 +103,19 @@
 /// waiting for. It is held across `membarrier` and the confirm callback,
 /// never across a release.
 ///
+/// ## `fork()`
+///
+/// The process-wide locks (the slot-column arena, the portable tier's key
+/// allocator, the 64 wait buckets) guard short critical sections that
+/// never nest. `src/sys/fork.rs` registers `pthread_atfork` handlers the
+/// first time one of them is about to be taken: the forking thread takes
+/// them all before the fork and releases them in the parent and in the
+/// child, as glibc does for `malloc`, so a child never inherits one held.
+/// A ref's own switch lock is the ref's state, and is inherited as it was,
+/// like any mutex. With `track`, a child records holders without
+/// backtraces (std's backtrace lock cannot be held across a fork from
+/// outside std).
+///
 /// ## `PercpuArc` and `OwnedRef`
 ///
 /// An `OwnedRef` is a raw pointer plus one count: taking, cloning and
