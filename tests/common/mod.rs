@@ -107,3 +107,45 @@ pub(crate) fn in_fork_child(limit: Duration, child: impl FnOnce() -> i32) -> i32
         100 + libc::WTERMSIG(status)
     }
 }
+
+/// Is `addr` inside one of this process's mappings right now
+/// (`/proc/self/maps`)? `false` where that cannot be read (Miri, other
+/// systems).
+pub(crate) fn is_mapped(addr: usize) -> bool {
+    is_mapped_in("self", addr)
+}
+
+/// As [`is_mapped`], in process `pid` (`"self"` or a number).
+/// Containment, not a line starting at `addr`: the kernel merges a new
+/// anonymous mapping with a neighbour of the same kind.
+pub(crate) fn is_mapped_in(pid: &str, addr: usize) -> bool {
+    if cfg!(miri) {
+        return false; // no host files under isolation
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (range, _) = l.split_once(' ')?;
+            let (start, end) = range.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .any(|(start, end)| start <= addr && addr < end)
+}
+
+/// Does `r`, a lookup or read of `addr` in a pool that is gone (released:
+/// unregistered and unmapped), say that no pool maps it? `NotMapped` — or
+/// any other answer while `addr` is mapped again: a pool of a test running
+/// alongside may have been mapped over the freed range by now. A registry
+/// that still listed the dead pool answers for a range nothing maps, and
+/// fails this.
+#[cfg(feature = "dax")]
+pub(crate) fn no_pool_at<T>(addr: *const u8, r: Result<T, percpu_ref::PoolError>) -> bool {
+    match r {
+        Err(percpu_ref::PoolError::NotMapped { .. }) => true,
+        _ => is_mapped(addr as usize),
+    }
+}
