@@ -58,29 +58,16 @@ fn with_bucket<R>(word: &AtomicU32, f: impl FnOnce(&Bucket) -> R) -> R {
     PARKING.with(|b| f(&b[i]))
 }
 
+/// Every bucket's mutex, held across a `fork()` (`percpu::hold_for_fork`).
 #[cfg(percpu_ref_linux)]
-std::thread_local! {
-    /// Every bucket's mutex, held across a `fork()` by the thread that forks.
-    static FORK_HELD: RefCell<Option<[crate::sync::MutexGuard<'static, ()>; BUCKETS]>> =
-        const { RefCell::new(None) };
-}
+pub(crate) type ForkHeld = [crate::sync::MutexGuard<'static, ()>; BUCKETS];
 
 /// Take every bucket's mutex for a `fork()`, in index order (nothing else
-/// holds two): the child gets them free (see `sys::fork`). Each is held
-/// only for a compare-exchange, or a wake-up, at a time.
+/// holds two). Each is held only for a compare-exchange, or a wake-up, at
+/// a time.
 #[cfg(percpu_ref_linux)]
-pub(crate) fn hold_for_fork() {
-    let all = std::array::from_fn(|i| lock_mutex(&PARKING.0[i].mutex));
-    // A thread whose thread-locals are gone (a fork from a thread-local
-    // destructor) drops the guards: the fork goes ahead unprotected.
-    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(all));
-}
-
-/// Release what [`hold_for_fork`] took, in the parent and the child.
-#[cfg(percpu_ref_linux)]
-pub(crate) fn release_after_fork() {
-    let all = FORK_HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
-    drop(all);
+pub(crate) fn lock_for_fork() -> ForkHeld {
+    std::array::from_fn(|i| lock_mutex(&PARKING.0[i].mutex))
 }
 
 /// Spins before sleeping: short waits (a lock held for a fold, a release

@@ -49,15 +49,25 @@ pub(crate) use track::{hook, Token, Tracker};
 /// of them.
 #[cfg(percpu_ref_linux)]
 pub(crate) fn hold_for_fork() {
-    slots::hold_for_fork();
-    lock::hold_for_fork();
+    let held = (slots::lock_for_fork(), lock::lock_for_fork());
+    // A thread whose thread-locals are gone (a fork from a thread-local
+    // destructor) drops the guards: the fork goes ahead unprotected.
+    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(held));
 }
 
 /// Release what [`hold_for_fork`] took, in the parent and in the child.
 #[cfg(percpu_ref_linux)]
 pub(crate) fn release_after_fork() {
-    lock::release_after_fork();
-    slots::release_after_fork();
+    let held = FORK_HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
+    drop(held);
+}
+
+#[cfg(percpu_ref_linux)]
+std::thread_local! {
+    /// What [`hold_for_fork`] took, on the thread that forks, until the
+    /// fork returns.
+    static FORK_HELD: std::cell::RefCell<Option<(slots::ForkHeld, lock::ForkHeld)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Where a [`PercpuRef`] counts right now.

@@ -139,19 +139,18 @@ pub(crate) fn take(kind: Kind) -> Option<Column> {
     arena::take(kind)
 }
 
-/// Take the arena's and the keys' locks for a `fork()`: the child gets
-/// them free (see `sys::fork`).
+/// The keys' and the arena's locks, held across a `fork()`
+/// (`percpu::hold_for_fork`).
 #[cfg(percpu_ref_linux)]
-pub(crate) fn hold_for_fork() {
-    keys::hold_for_fork();
-    arena::hold_for_fork();
-}
+pub(crate) type ForkHeld = (
+    crate::sync::MutexGuard<'static, keys::Keys>,
+    crate::sync::MutexGuard<'static, arena::Free>,
+);
 
-/// Release what [`hold_for_fork`] took, in the parent and the child.
+/// Take the keys' and the arena's locks for a `fork()`.
 #[cfg(percpu_ref_linux)]
-pub(crate) fn release_after_fork() {
-    arena::release_after_fork();
-    keys::release_after_fork();
+pub(crate) fn lock_for_fork() -> ForkHeld {
+    (keys::lock_for_fork(), arena::lock_for_fork())
 }
 
 /// Give back a column whose every slot is zero and that no adder can
@@ -231,7 +230,7 @@ pub(crate) mod keyed {
 pub(crate) mod keys {
     use crate::sync::{lock, Mutex};
 
-    struct Keys {
+    pub(crate) struct Keys {
         next: u32,
         free: Vec<u32>,
     }
@@ -262,27 +261,10 @@ pub(crate) mod keys {
         KEYS.with(|keys| lock(keys).free.push(key));
     }
 
+    /// The lock, for a `fork()` (`super::lock_for_fork`).
     #[cfg(percpu_ref_linux)]
-    std::thread_local! {
-        /// The lock, held across a `fork()` by the thread that forks.
-        static HELD: std::cell::RefCell<Option<crate::sync::MutexGuard<'static, Keys>>> =
-            const { std::cell::RefCell::new(None) };
-    }
-
-    /// Take the lock for a `fork()` (see `sys::fork`).
-    #[cfg(percpu_ref_linux)]
-    pub(super) fn hold_for_fork() {
-        let g = lock(&KEYS.0);
-        // A thread whose thread-locals are gone (a fork from a thread-local
-        // destructor) drops the guard: the fork goes ahead unprotected.
-        let _ = HELD.try_with(|h| *h.borrow_mut() = Some(g));
-    }
-
-    /// Release what [`hold_for_fork`] took, in the parent and the child.
-    #[cfg(percpu_ref_linux)]
-    pub(super) fn release_after_fork() {
-        let g = HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
-        drop(g);
+    pub(super) fn lock_for_fork() -> crate::sync::MutexGuard<'static, Keys> {
+        lock(&KEYS.0)
     }
 }
 
@@ -339,7 +321,7 @@ mod arena {
     use std::alloc::{alloc_zeroed, Layout};
     use std::ptr::NonNull;
 
-    struct Free {
+    pub(crate) struct Free {
         rseq: Vec<Column>,
         portable: Vec<Column>,
         chunks: usize,
@@ -398,26 +380,10 @@ mod arena {
         (f.in_use, f.chunks * rows() * ROW_STRIDE)
     }
 
+    /// The lock, for a `fork()` (`super::lock_for_fork`).
     #[cfg(percpu_ref_linux)]
-    std::thread_local! {
-        /// The lock, held across a `fork()` by the thread that forks.
-        static HELD: std::cell::RefCell<Option<crate::sync::MutexGuard<'static, Free>>> =
-            const { std::cell::RefCell::new(None) };
-    }
-
-    /// Take the lock for a `fork()` (see `sys::fork`).
-    #[cfg(percpu_ref_linux)]
-    pub(super) fn hold_for_fork() {
-        let g = lock(&FREE);
-        // As in `keys::hold_for_fork`.
-        let _ = HELD.try_with(|h| *h.borrow_mut() = Some(g));
-    }
-
-    /// Release what [`hold_for_fork`] took, in the parent and the child.
-    #[cfg(percpu_ref_linux)]
-    pub(super) fn release_after_fork() {
-        let g = HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
-        drop(g);
+    pub(super) fn lock_for_fork() -> crate::sync::MutexGuard<'static, Free> {
+        lock(&FREE)
     }
 }
 
