@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{mpsc, Barrier, Mutex, MutexGuard};
 use std::time::Duration;
 
+mod common;
+
 const KIB4: usize = 4096;
 
 // ---------------------------------------------------------------- helpers
@@ -881,27 +883,19 @@ fn raw_mmap_past_the_end_faults() {
         d.path.display(),
         std::io::Error::last_os_error()
     );
-    // SAFETY: fork; the child only stores to the mapping and `_exit`s
-    // (async-signal-safe), so the parent's other threads do not matter.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        // SAFETY: in the child, the mapping is ours alone to touch; the
-        // store faults (the point of the test) or we exit.
-        unsafe {
-            std::ptr::write_volatile(ptr.cast::<u8>(), 1);
-            libc::_exit(0);
-        }
-    }
-    let mut status = 0;
-    // SAFETY: waits for our own child; `status` is a valid out-pointer.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(r, pid, "waitpid: {}", std::io::Error::last_os_error());
+    // The child only stores to the mapping: the store faults (the point of
+    // the test) or the child exits with 0.
+    let code = common::in_fork_child(Duration::from_secs(60), || {
+        // SAFETY: in the child, the mapping is ours alone to touch.
+        unsafe { std::ptr::write_volatile(ptr.cast::<u8>(), 1) };
+        0
+    });
     // SAFETY: our mapping from above, untouched in this process.
     assert_eq!(unsafe { libc::munmap(ptr, len) }, 0);
-    assert!(
-        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
-        "touching a mapping past the end should raise SIGBUS; child status {status:#x}"
+    assert_eq!(
+        code,
+        100 + libc::SIGBUS,
+        "touching a mapping past the end should raise SIGBUS (100 + signal)"
     );
     // The pool refuses the same range with a typed error.
     let e = DevicePagePool::open(&d.path, &PoolOptions::new().offset(d.size).size(d.align))
